@@ -46,7 +46,9 @@ class S3Server:
             import s3fs
 
             fs = s3fs.S3FileSystem(**self.storage_options)
-            fs.mkdir(name)
+            # Not fs.mkdir: s3fs sends LocationConstraint=us-east-1, which S3 (and moto) reject.
+            fs.call_s3("create_bucket", Bucket=name)
+            fs.invalidate_cache()
             self.buckets.add(name)
         return f"s3://{name}"
 
