@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU benchmark, as one prepared script: about 6 minutes on one H200.
+#
+#   bash benchmarks/gpu.sh            (or: make bench-gpu)
+#
+# Prints: encoder images/s at 256 and 512 px for the `sd` preset in bf16, ours and diffusers';
+# the fraction of the device's bf16 peak reached at 256 px; the end-to-end worker images/s
+# with its efficiency ratio against the two stage limits; peak device memory per batch size.
+# Ray is not needed: the end-to-end figure is one EncodeWorker (the unit a Ray actor wraps)
+# streaming real JPEG shards. Wheels missing on the machine may be put in .whl/ beforehand.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR=${OUT:-bench-output/gpu}
+mkdir -p "$OUTDIR"
+PY=${PYTHON:-python3}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+step() { echo; echo "### $*"; "$@" || echo "!!! step failed: $*"; }
+step $PY -m benchmarks.bench_encoder --preset sd --resolution 256 --batch 32 --dtype bf16 --device cuda \
+  --repeats 10 --json "$OUTDIR/encoder256.json"
+step $PY -m benchmarks.bench_encoder --preset sd --resolution 512 --batch 16 --dtype bf16 --device cuda \
+  --repeats 10 --json "$OUTDIR/encoder512.json"
+step $PY -m benchmarks.device_peak --preset sd --resolution 256 --batch 64 --json "$OUTDIR/peak256.json"
+step $PY -m benchmarks.device_peak --preset sd --resolution 256 --batch 64 --compile --json "$OUTDIR/peak256-compiled.json"
+step $PY -m benchmarks.bench_pipeline --preset sd --resolution 256 --device cuda --dtype bf16 \
+  --batch 64 --cpus 16 --decode-threads 14 --shards 4 --per-shard 512 --repeats 3 --no-job \
+  --workdir /tmp/bench-pipeline --json "$OUTDIR/pipeline.json"
+step $PY -m benchmarks.bench_memory --device cuda --preset sd --resolution 256 --dtype bf16

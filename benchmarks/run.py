@@ -1,0 +1,35 @@
+"""`make bench`: every CPU benchmark, one after another, each printing its own table of medians and ratios.
+
+    python -m benchmarks.run [--quick]
+
+The GPU figures come from `benchmarks/gpu.sh` on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+BENCHES = [
+    ["benchmarks.bench_encoder", "--preset", "sd", "--resolution", "128", "--batch", "2", "--repeats", "10"],
+    ["benchmarks.bench_pipeline", "--preset", "tiny", "--resolution", "128", "--shards", "4", "--per-shard", "64"],
+    ["benchmarks.bench_raydata", "--preset", "tiny", "--resolution", "128", "--shards", "4", "--per-shard", "64"],
+    ["benchmarks.bench_memory", "--preset", "tiny", "--resolution", "128", "--shards", "2", "--per-shard", "64"],
+]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true", help="one repeat each (a smoke run, not a figure)")
+    args = p.parse_args(argv)
+    failed = 0
+    for bench in BENCHES:
+        cmd = [sys.executable, "-m", *bench] + (["--repeats", "1"] if args.quick and bench[0] != "benchmarks.bench_memory" else [])
+        print("\n$ python -m " + " ".join(cmd[2:]), flush=True)
+        failed += subprocess.run(cmd).returncode != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
