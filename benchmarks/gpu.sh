@@ -20,16 +20,19 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
+# QUICK=1: fewer repeats and no compiled variant (about 2 minutes), for a short device slot.
+R=10; PR=3; PS=512
+if [ "${QUICK:-0}" = 1 ]; then R=4; PR=1; PS=256; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 step() { echo; echo "### $*"; "$@" || echo "!!! step failed: $*"; }
 step $PY -m benchmarks.bench_encoder --preset sd --resolution 256 --batch 32 --dtype bf16 --device cuda \
-  --repeats 10 --json "$OUTDIR/encoder256.json"
+  --repeats $R --json "$OUTDIR/encoder256.json"
 step $PY -m benchmarks.bench_encoder --preset sd --resolution 512 --batch 16 --dtype bf16 --device cuda \
-  --repeats 10 --json "$OUTDIR/encoder512.json"
-step $PY -m benchmarks.device_peak --preset sd --resolution 256 --batch 64 --json "$OUTDIR/peak256.json"
-step $PY -m benchmarks.device_peak --preset sd --resolution 256 --batch 64 --compile --json "$OUTDIR/peak256-compiled.json"
+  --repeats $R --json "$OUTDIR/encoder512.json"
+step $PY -m benchmarks.device_peak --preset sd --resolution 256 --batch 64 --repeats $R --json "$OUTDIR/peak256.json"
+[ "${QUICK:-0}" = 1 ] || step $PY -m benchmarks.device_peak --preset sd --resolution 256 --batch 64 --compile --json "$OUTDIR/peak256-compiled.json"
 step $PY -m benchmarks.bench_pipeline --preset sd --resolution 256 --device cuda --dtype bf16 \
-  --batch 64 --cpus 16 --decode-threads 14 --shards 4 --per-shard 512 --repeats 3 --no-job \
+  --batch 64 --cpus 16 --decode-threads 14 --shards 4 --per-shard $PS --repeats $PR --no-job \
   --workdir /tmp/bench-pipeline --json "$OUTDIR/pipeline.json"
 step $PY -m benchmarks.bench_memory --device cuda --preset sd --resolution 256 --dtype bf16

@@ -167,3 +167,17 @@ def sample_shards(tmp_path):
                                   "json": json.dumps({"name": name, "orig": [h, w]}).encode()}))
         paths.append(write_shard(shard_dir / f"{s:05d}.tar", samples))
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A diffusers folder holding fixed weights of the `tiny` architecture.
+
+    Runs that must agree bit for bit across processes (worker counts, resume) load these, so they
+    do not depend on whether the shipped tiny weights are present (random init differs per process).
+    """
+    from latentae import AutoencoderKL
+
+    folder = tmp_path_factory.mktemp("tiny-weights")
+    AutoencoderKL.from_preset("tiny").save_pretrained(folder)
+    return str(folder)

@@ -1,0 +1,507 @@
+"""The job configuration: one YAML file, typed and validated before any work starts.
+
+A config has six sections (`input`, `output`, `model`, `preprocess`, `ray`, `qa`); each is a
+dataclass below, and every field's type annotation is the validation rule. `load_config` reads
+the YAML, applies `key.sub=value` overrides from the command line, expands `${ENV_VAR}`
+references in strings and checks every key and value. Anything wrong raises `ConfigError`
+naming the key, e.g. ``output.dtype: expected one of fp32|fp16|bf16, got 'fp64'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "InputConfig",
+    "OutputConfig",
+    "ModelConfig",
+    "PreprocessConfig",
+    "RayConfig",
+    "QAConfig",
+    "JobConfig",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+]
+
+DType = Literal["fp32", "fp16", "bf16"]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message starts with the dotted key at fault."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+@dataclass
+class InputConfig:
+    """Where the WebDataset shards are and how samples are read from them."""
+
+    #: A brace pattern (``s3://b/{00000..00099}.tar``), a glob, or a list of those.
+    urls: str | list[str]
+    #: fsspec options for the input filesystem (endpoint_url, anon, client_kwargs, ...).
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    #: Member extensions that hold the image, in order of preference.
+    image_exts: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"])
+    #: Caption source: a member extension (``txt``) or ``json:FIELD`` for a field of the sample's JSON.
+    caption_key: str = "txt"
+
+
+@dataclass
+class OutputConfig:
+    """Where latents go and what is stored."""
+
+    #: Any fsspec URL (local path, s3://bucket/prefix, ...).
+    path: str
+    format: Literal["parquet", "wds"] = "parquet"
+    #: Storage dtype of latents (the encoder always computes an fp32 posterior).
+    dtype: DType = "fp16"
+    #: What to store: the posterior mean, mean plus log-variance, or one seeded sample.
+    store: Literal["mean", "mean+logvar", "sample"] = "mean"
+    #: Also store the latent of the horizontally flipped image.
+    flip: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    #: Allow writing into an OUTPUT whose manifest differs (the old shards are redone).
+    overwrite: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """Which autoencoder encodes, and how it computes."""
+
+    #: A `latentae` preset name (sd, sdxl, sd3, flux, kl-f4, kl-f16, kl-f32, seed-f16c16, tiny).
+    preset: str | None = "tiny"
+    #: Weights: a diffusers folder or a .safetensors/.ckpt file, local or any fsspec URL.
+    weights: str | None = None
+    #: Compute dtype on the device (autocast); the posterior is returned in fp32.
+    dtype: DType = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class PreprocessConfig:
+    """Resize and crop policy: a fixed resolution or aspect-ratio buckets."""
+
+    #: Square side (256) or [height, width]; ignored when `buckets` is set.
+    resolution: int | list[int] | None = 256
+    #: Aspect-ratio buckets: a list of [height, width] of about equal area.
+    buckets: list[list[int]] | None = None
+    crop: Literal["center", "random"] = "center"
+    #: Seed of the per-key random crop (and of `output.store: sample`).
+    seed: int = 0
+    #: Images whose shorter side is below this many pixels are skipped (ledger: too_small).
+    min_size: int = 0
+    #: Colour that transparent pixels are composited onto: [r, g, b].
+    background: list[int] = field(default_factory=lambda: [255, 255, 255])
+    #: Decompression-bomb limit: images with more pixels are skipped (ledger: too_large).
+    max_pixels: int = 89_478_485
+
+    def target_sizes(self) -> list[tuple[int, int]]:
+        """All output (height, width) sizes: the buckets, or the one resolution."""
+        if self.buckets:
+            return [(int(h), int(w)) for h, w in self.buckets]
+        res = self.resolution
+        if isinstance(res, int):
+            return [(res, res)]
+        assert res is not None  # validated
+        return [(int(res[0]), int(res[1]))]
+
+
+@dataclass
+class RayConfig:
+    """Cluster and worker settings."""
+
+    #: Ray address ("auto", "ray://host:10001", ...); unset: RAY_ADDRESS or a new local instance.
+    address: str | None = None
+    #: Number of encode actors; unset: one per GPU, or CPUs / num_cpus_per_worker without GPUs.
+    workers: int | None = None
+    #: GPUs per actor (fractions share a GPU); unset: 1 when the cluster has GPUs, else 0.
+    num_gpus_per_worker: float | None = None
+    #: CPUs reserved per actor; they run the decode threads (and the encoder on CPU).
+    num_cpus_per_worker: float = 1.0
+    batch_size: int = 16
+    #: Attempts per shard before it is recorded as failed.
+    max_attempts: int = 3
+    #: Shards handed to one actor at a time. 1 keeps a slow shard from holding a queued one;
+    #: 2 hides the driver round trip between shards when shards take only seconds.
+    max_in_flight_per_worker: int = 1
+    #: Decode threads per actor; unset: max(1, num_cpus_per_worker).
+    decode_threads: int | None = None
+
+
+@dataclass
+class QAConfig:
+    """Reconstruction QA settings (read by the QA stage)."""
+
+    #: Images kept during encoding and decoded by QA, over the whole run.
+    samples: int = 64
+    min_psnr: float = 20.0
+    max_nan: int = 0
+    #: Allowed relative disagreement between measured and configured scaling/shift.
+    stats_tolerance: float = 0.5
+    #: Local path of LPIPS backbone weights; unset: LPIPS is off.
+    lpips_weights: str | None = None
+    batch_size: int = 8
+    workers: int = 1
+
+
+@dataclass
+class JobConfig:
+    """A whole validated job configuration."""
+
+    input: InputConfig
+    output: OutputConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
+    #: The YAML file this came from (not a config key).
+    source: str | None = field(default=None, metadata={"internal": True})
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """Plain-dict form; with `redact`, secret storage options and URL credentials are masked."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("internal"):
+                continue
+            out[f.name] = dataclasses.asdict(getattr(self, f.name))
+        if redact:
+            from .storage import redact as redact_url
+            from .storage import redact_options
+
+            for section in ("input", "output"):
+                out[section]["storage_options"] = redact_options(out[section]["storage_options"])
+            urls = out["input"]["urls"]
+            out["input"]["urls"] = [redact_url(u) for u in urls] if isinstance(urls, list) else redact_url(urls)
+            out["output"]["path"] = redact_url(out["output"]["path"])
+            if out["model"]["weights"]:
+                out["model"]["weights"] = redact_url(out["model"]["weights"])
+        return out
+
+
+SECTIONS: dict[str, type] = {
+    "input": InputConfig,
+    "output": OutputConfig,
+    "model": ModelConfig,
+    "preprocess": PreprocessConfig,
+    "ray": RayConfig,
+    "qa": QAConfig,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
+    """Read the YAML file at `path`, apply `key.sub=value` overrides and validate everything."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError("", f"config file not found: {p}") from None
+    except OSError as e:
+        raise ConfigError("", f"cannot read config file {p}: {e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{p} is not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    config = config_from_dict(raw)
+    config.source = str(p)
+    return config
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each ``key.sub=value`` set; the value is parsed as YAML."""
+    out = _deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like key.sub=value")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        parts = key.split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(key, "an override key must name a section and a field, e.g. ray.workers=4")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(key, f"cannot parse override value {text!r}: {e}") from None
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(".".join(parts[: i + 1]), "is not a section; cannot set a sub-key")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deepcopy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deepcopy(v) for v in value]
+    return value
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> JobConfig:
+    """Validate a plain mapping (parsed YAML) into a `JobConfig`."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("", f"expected a mapping of sections, got {type(raw).__name__}")
+    _check_unknown("", raw, list(SECTIONS))
+    for name in ("input", "output"):
+        if name not in raw or raw[name] is None:
+            raise ConfigError(name, "required section is missing")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        value = raw.get(name)
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(name, f"expected a mapping, got {_show(value)}")
+        sections[name] = _build(cls, value, name)
+    config = JobConfig(**sections)
+    _check_semantics(config)
+    return config
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_unknown(prefix, raw, list(fields))
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}"
+        if name in raw:
+            kwargs[name] = _coerce(_expand_env(raw[name], key), hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(key, "required key is missing")
+    return cls(**kwargs)
+
+
+def _check_unknown(prefix: str, raw: Mapping[str, Any], known: list[str]) -> None:
+    for k in raw:
+        if k not in known:
+            key = f"{prefix}.{k}" if prefix else str(k)
+            close = difflib.get_close_matches(str(k), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(key, f"unknown key{hint}; known keys: {', '.join(known)}")
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, key: str) -> Any:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in strings (so secrets stay out of YAML files)."""
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            var, default = m.group(1), m.group(2)
+            if var in os.environ:
+                return os.environ[var]
+            if default is not None:
+                return default
+            raise ConfigError(key, f"environment variable {var} is not set (referenced as ${{{var}}})")
+
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return f"a {type(value).__name__}"
+    return repr(value)
+
+
+def _type_name(tp: Any, plural: bool = False) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a, plural) for a in typing.get_args(tp))
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        return f"{'lists' if plural else 'a list'} of {_type_name(arg, plural=True)}"
+    if origin is dict:
+        return "mappings" if plural else "a mapping"
+    if tp is Any:
+        return "any values" if plural else "any value"
+    names = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "booleans"),
+             str: ("a string", "strings")}
+    if tp in names:
+        return names[tp][plural]
+    return str(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widened to float where typed so)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(key, f"expected null, got {_show(value)}")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(key, f"expected {_type_name(tp)}, got null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {_show(value)}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and type(value) is type(allowed[allowed.index(value)]):
+            return value
+        raise ConfigError(key, f"expected one of {'|'.join(str(a) for a in allowed)}, got {_show(value)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected {_type_name(tp)}, got {_show(value)}")
+        (arg,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {_show(value)}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - every annotation above is handled
+        raise TypeError(f"unsupported annotation {tp} for {key}")
+    raise ConfigError(key, f"expected {_type_name(tp)}, got {_show(value)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-field rules
+
+
+def _check_semantics(c: JobConfig) -> None:
+    urls = c.input.urls
+    if isinstance(urls, str):
+        if not urls.strip():
+            raise ConfigError("input.urls", "must not be empty")
+    elif not urls:
+        raise ConfigError("input.urls", "must list at least one URL or pattern")
+    if not c.input.image_exts:
+        raise ConfigError("input.image_exts", "must list at least one extension")
+    c.input.image_exts = [e.lower().lstrip(".") for e in c.input.image_exts]
+    if c.input.caption_key.startswith("json:") and not c.input.caption_key[5:]:
+        raise ConfigError("input.caption_key", "json: must be followed by a field name, e.g. json:caption")
+    if not c.output.path.strip():
+        raise ConfigError("output.path", "must not be empty")
+
+    p = c.preprocess
+    if p.buckets is not None:
+        if not p.buckets:
+            raise ConfigError("preprocess.buckets", "must list at least one [height, width]")
+        for i, b in enumerate(p.buckets):
+            _check_size(b, f"preprocess.buckets[{i}]")
+        if len({tuple(b) for b in p.buckets}) != len(p.buckets):
+            raise ConfigError("preprocess.buckets", "has duplicate entries")
+    else:
+        if p.resolution is None:
+            raise ConfigError("preprocess.resolution", "set a resolution or preprocess.buckets")
+        if isinstance(p.resolution, int):
+            _check_size([p.resolution, p.resolution], "preprocess.resolution")
+        else:
+            _check_size(p.resolution, "preprocess.resolution")
+    if len(p.background) != 3 or not all(0 <= v <= 255 for v in p.background):
+        raise ConfigError("preprocess.background", f"expected [r, g, b] with values 0..255, got {p.background}")
+    if p.min_size < 0:
+        raise ConfigError("preprocess.min_size", f"must be >= 0, got {p.min_size}")
+    if p.max_pixels <= 0:
+        raise ConfigError("preprocess.max_pixels", f"must be > 0, got {p.max_pixels}")
+
+    m = c.model
+    if not m.preset and not m.weights:
+        raise ConfigError("model.preset", "set a preset, a weights path, or both")
+    if m.preset:
+        try:
+            from latentae import list_presets
+        except ImportError:  # the model package is checked again when the worker loads it
+            list_presets = None
+        if list_presets is not None and m.preset not in list_presets():
+            raise ConfigError("model.preset", f"expected one of {'|'.join(list_presets())}, got {m.preset!r}")
+
+    r = c.ray
+    _positive(r.workers, "ray.workers", allow_none=True)
+    if r.num_gpus_per_worker is not None and r.num_gpus_per_worker < 0:
+        raise ConfigError("ray.num_gpus_per_worker", f"must be >= 0, got {r.num_gpus_per_worker}")
+    if r.num_gpus_per_worker is not None and r.num_gpus_per_worker > 1 and r.num_gpus_per_worker % 1:
+        raise ConfigError("ray.num_gpus_per_worker", "above 1 it must be a whole number")
+    if r.num_cpus_per_worker < 0:
+        raise ConfigError("ray.num_cpus_per_worker", f"must be >= 0, got {r.num_cpus_per_worker}")
+    _positive(r.batch_size, "ray.batch_size")
+    _positive(r.max_attempts, "ray.max_attempts")
+    _positive(r.max_in_flight_per_worker, "ray.max_in_flight_per_worker")
+    _positive(r.decode_threads, "ray.decode_threads", allow_none=True)
+
+    q = c.qa
+    if q.samples < 0:
+        raise ConfigError("qa.samples", f"must be >= 0, got {q.samples}")
+    if q.max_nan < 0:
+        raise ConfigError("qa.max_nan", f"must be >= 0, got {q.max_nan}")
+    if q.stats_tolerance < 0:
+        raise ConfigError("qa.stats_tolerance", f"must be >= 0, got {q.stats_tolerance}")
+    _positive(q.batch_size, "qa.batch_size")
+    _positive(q.workers, "qa.workers")
+
+
+def _check_size(value: list[int], key: str) -> None:
+    if len(value) != 2:
+        raise ConfigError(key, f"expected [height, width], got {value}")
+    if any(v <= 0 for v in value):
+        raise ConfigError(key, f"sizes must be positive, got {value}")
+
+
+def _positive(value: int | None, key: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < 1:
+        raise ConfigError(key, f"must be >= 1, got {value}")

@@ -1,0 +1,117 @@
+"""Resize and crop decoded images to the encoder's input size.
+
+Policy (the one SD/SDXL training uses):
+
+1. choose the target (height, width): the fixed `preprocess.resolution`, or, with
+   `preprocess.buckets`, the bucket whose aspect ratio is nearest the image's (compared on a log
+   scale, so 1:2 and 2:1 are equally far from 1:1; ties go to the earlier bucket);
+2. resize so the image covers the target with the least scaling (the shorter side relative to
+   the target is matched), with Lanczos filtering;
+3. crop the target out of the resized image: centred, or at a random offset drawn from a
+   generator seeded by (`preprocess.seed`, sample key), so the crop of a key is the same on
+   every run, worker and machine.
+
+Each result records the SDXL micro-conditioning values: the original size (before resizing),
+the crop's top-left corner in resized coordinates, and the target size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .config import PreprocessConfig
+from .decode import DecodedImage
+
+__all__ = ["Preprocessed", "Preprocessor", "PreprocessError", "nearest_bucket"]
+
+
+class PreprocessError(ValueError):
+    """A decoded image cannot be brought to the target size; `reason` is the ledger code."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+@dataclass
+class Preprocessed:
+    """Encoder-ready pixels and their micro-conditioning."""
+
+    #: uint8 [target_h, target_w, 3]
+    pixels: np.ndarray
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+    @property
+    def bucket(self) -> str:
+        """The bucket label "HxW"."""
+        return f"{self.target_size[0]}x{self.target_size[1]}"
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio (w/h) is nearest that of `size`, on a log scale."""
+    h, w = size
+    aspect = math.log(w / h)
+    best = min(range(len(buckets)), key=lambda i: (abs(math.log(buckets[i][1] / buckets[i][0]) - aspect), i))
+    return buckets[best]
+
+
+class Preprocessor:
+    """Maps a decoded image and its key to encoder-ready pixels (see the module docstring)."""
+
+    def __init__(self, sizes: list[tuple[int, int]], crop: str = "center", seed: int = 0):
+        if not sizes:
+            raise ValueError("at least one target size is needed")
+        if crop not in ("center", "random"):
+            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        self.sizes = [(int(h), int(w)) for h, w in sizes]
+        self.crop = crop
+        self.seed = seed
+
+    @classmethod
+    def from_config(cls, config: PreprocessConfig) -> Preprocessor:
+        return cls(config.target_sizes(), crop=config.crop, seed=config.seed)
+
+    def target_for(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """Target (height, width) of an image of `original_size`."""
+        if len(self.sizes) == 1:
+            return self.sizes[0]
+        return nearest_bucket(original_size, self.sizes)
+
+    def resized_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) the image is resized to before cropping: just covers the target."""
+        h, w = original_size
+        th, tw = self.target_for(original_size)
+        scale = max(th / h, tw / w)
+        # round() keeps the matched side exactly on target despite float error; max() keeps cover.
+        return max(th, round(h * scale)), max(tw, round(w * scale))
+
+    def crop_offset(self, key: str, resized: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+        """Top-left corner of the crop in resized coordinates."""
+        slack_h, slack_w = resized[0] - target[0], resized[1] - target[1]
+        if self.crop == "center":
+            return slack_h // 2, slack_w // 2
+        digest = hashlib.sha256(f"{self.seed}\0{key}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "big"))
+        return rng.randint(0, slack_h), rng.randint(0, slack_w)
+
+    def __call__(self, image: DecodedImage, key: str) -> Preprocessed:
+        original = image.original_size
+        if min(original) <= 0:
+            raise PreprocessError("corrupt", f"image of size {original}")
+        target = self.target_for(original)
+        resized = self.resized_size(original)
+        pixels = image.pixels
+        if pixels.shape[:2] != resized:
+            pil = Image.fromarray(pixels, "RGB")
+            pixels = np.asarray(pil.resize((resized[1], resized[0]), Image.Resampling.LANCZOS))
+        top, left = self.crop_offset(key, resized, target)
+        out = np.ascontiguousarray(pixels[top : top + target[0], left : left + target[1]])
+        return Preprocessed(pixels=out, original_size=original, crop_top_left=(top, left), target_size=target)

@@ -1,0 +1,493 @@
+"""The encode worker: one input shard in, one committed output shard out.
+
+`EncodeWorker` is a plain class (tests drive it directly); `driver.py` wraps it in a Ray actor.
+Inside `process_shard` the stages overlap:
+
+    main thread    read tar (prefetching cache) -> submit decode -> collect in order -> batch per
+                   bucket -> encode on the device
+    decode pool    decode + preprocess (Pillow releases the GIL), `decode_threads` wide, kept
+                   `prefetch` samples ahead of the encoder
+    writer thread  storage rounding, Parquet/tar writing (local temp files)
+
+and the shard is committed (uploaded whole, commit record last) at the end. Output rows come in
+a deterministic order that depends only on the shard's content and the config, so a shard gives
+the same bytes whichever worker encodes it and however many workers there are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import logging
+import math
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import storage
+from .config import ConfigError, JobConfig
+from .decode import DecodeError, DecodeOptions, decode_image
+from .manifest import Manifest
+from .preprocess import Preprocessed, PreprocessError, Preprocessor
+from .reader import Sample, SampleError, ShardReader
+from .writer import ErrorRow, LatentRow, QARow, ShardWriter
+
+__all__ = ["EncodeWorker", "ShardResult", "build_manifest", "qa_per_shard", "FAULT_KILL_AFTER", "FAULT_MARKER"]
+
+log = logging.getLogger(__name__)
+
+#: Test-only fault hook: kill the worker process (SIGKILL) after this many encoded rows of a
+#: shard, once per marker file (see `_FaultHook`).
+FAULT_KILL_AFTER = "LATENT_FAULT_KILL_AFTER"
+FAULT_MARKER = "LATENT_FAULT_MARKER"
+
+
+@dataclass
+class ShardResult:
+    """What one `process_shard` call produced (the commit record has the full detail)."""
+
+    name: str
+    url: str
+    rows: int
+    errors: int
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    qa_rows: int = 0
+    seconds: float = 0.0
+
+
+def qa_per_shard(samples: int, num_shards: int) -> int:
+    """QA samples each shard keeps so the whole run keeps about `samples`."""
+    if samples <= 0:
+        return 0
+    return math.ceil(samples / max(1, num_shards))
+
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big")
+
+
+def _key_seed(seed: int, key: str, what: str) -> int:
+    digest = hashlib.sha256(f"{seed}\0{what}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class _QAEntry:
+    """Heap entry ordered so that heapq's min-heap keeps the largest (hash, key) on top."""
+
+    __slots__ = ("rank", "row")
+
+    def __init__(self, rank: tuple[int, str], row: QARow):
+        self.rank = rank
+        self.row = row
+
+    def __lt__(self, other: _QAEntry) -> bool:
+        return self.rank > other.rank
+
+
+class _QASelector:
+    """Keeps the k samples of a shard whose sha1(key) is smallest (a stable, spread-out choice)."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self._heap: list[_QAEntry] = []
+
+    def offer(self, key: str, make_row: Callable[[], QARow]) -> None:
+        if self.k <= 0:
+            return
+        rank = (_key_hash(key), key)
+        if len(self._heap) < self.k:
+            heapq.heappush(self._heap, _QAEntry(rank, make_row()))
+        elif rank < self._heap[0].rank:
+            heapq.heapreplace(self._heap, _QAEntry(rank, make_row()))
+
+    def rows(self) -> list[QARow]:
+        return [e.row for e in sorted(self._heap, key=lambda e: e.rank)]
+
+
+class _FaultHook:
+    """Test-only crash injection: SIGKILL the process mid-shard, once per marker file.
+
+    Active only when both LATENT_FAULT_KILL_AFTER=N and LATENT_FAULT_MARKER=PATH are set. The
+    first worker to pass N encoded rows in a shard creates PATH (atomically) and kills itself;
+    later attempts see PATH and carry on, so the retry succeeds.
+    """
+
+    def __init__(self) -> None:
+        after = os.environ.get(FAULT_KILL_AFTER)
+        self.marker = os.environ.get(FAULT_MARKER)
+        self.after = int(after) if after and self.marker else None
+
+    def check(self, rows: int) -> None:
+        if self.after is None or rows < self.after or os.path.exists(self.marker):  # type: ignore[arg-type]
+            return
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # type: ignore[arg-type]
+        except FileExistsError:
+            return
+        os.write(fd, f"killed pid {os.getpid()} after {rows} rows\n".encode())
+        os.close(fd)
+        log.warning("fault hook: killing worker process %d after %d rows", os.getpid(), rows)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _load_model(config: JobConfig) -> Any:
+    from latentae import AutoencoderKL
+
+    m = config.model
+    weights = _local_weights(m.weights) if m.weights else None
+    if m.preset:
+        return AutoencoderKL.from_preset(m.preset, weights=weights)
+    return AutoencoderKL.from_pretrained(weights)
+
+
+def _local_weights(url: str) -> str:
+    """Weights on remote storage are downloaded once per machine (credentials from the environment)."""
+    fs, path = storage.filesystem(url)
+    if storage.is_local(fs):
+        return path
+    cache = os.path.join(tempfile.gettempdir(), "latent-weights", hashlib.sha1(url.encode()).hexdigest()[:16])
+    target = os.path.join(cache, os.path.basename(path.rstrip("/")))
+    if not os.path.exists(target):
+        os.makedirs(cache, exist_ok=True)
+        # Several actors of one machine may download at once: each into its own partial path.
+        partial = f"{target}.{os.getpid()}.partial"
+        fs.get(path, partial, recursive=fs.isdir(path))
+        try:
+            os.replace(partial, target)
+        except OSError:
+            if not os.path.exists(target):
+                raise
+            shutil.rmtree(partial, ignore_errors=True)  # another actor finished first
+    return target
+
+
+def check_sizes(config: JobConfig, factor: int) -> None:
+    """Every target size must be divisible by the model's downsampling factor."""
+    p = config.preprocess
+    key = "preprocess.buckets" if p.buckets else "preprocess.resolution"
+    for i, (h, w) in enumerate(p.target_sizes()):
+        if h % factor or w % factor:
+            where = f"{key}[{i}]" if p.buckets else key
+            raise ConfigError(where, f"{h}x{w} is not divisible by the model's downsampling factor {factor}")
+
+
+def build_manifest(config: JobConfig, model: Any) -> Manifest:
+    """The output manifest for this config and loaded model."""
+    factor = int(model.downsample_factor)
+    channels = int(model.latent_channels)
+    sizes = config.preprocess.target_sizes()
+    fingerprint = dict(model.fingerprint())
+    # The compute dtype changes the latents' low bits: runs sharing an OUTPUT must agree on it.
+    fingerprint["compute_dtype"] = config.model.dtype
+    p = config.preprocess
+    return Manifest(
+        format=config.output.format,
+        dtype=config.output.dtype,
+        store=config.output.store,
+        flip=config.output.flip,
+        model=fingerprint,
+        scaling_factor=float(model.scaling_factor),
+        shift_factor=float(model.shift_factor),
+        latent_channels=channels,
+        downsample_factor=factor,
+        shapes=[[channels, h // factor, w // factor] for h, w in sizes],
+        preprocess={
+            "sizes": [[h, w] for h, w in sizes],
+            "buckets": p.buckets is not None,
+            "crop": p.crop,
+            "seed": p.seed,
+            "background": list(p.background),
+            "resize": "shorter side to cover the target, Lanczos; JPEG draft decoding",
+            "min_size": p.min_size,
+            "max_pixels": p.max_pixels,
+            "image_exts": list(config.input.image_exts),
+            "caption_key": config.input.caption_key,
+        },
+    )
+
+
+class EncodeWorker:
+    """Encodes whole shards with one autoencoder held on one device.
+
+    Parameters
+    ----------
+    config: the validated job config.
+    device: "cpu", "cuda", "cuda:1", ...; default: CUDA when available, else CPU.
+    set_threads: set torch's CPU thread count from `ray.num_cpus_per_worker` (actors do; a
+        plain caller keeps its process-wide setting).
+    model: an already loaded `AutoencoderKL` (default: loaded from `config.model`).
+    """
+
+    def __init__(self, config: JobConfig, *, device: str | None = None, set_threads: bool = False, model: Any = None):
+        import torch
+
+        self.config = config
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        cpus = max(1, int(config.ray.num_cpus_per_worker))
+        if set_threads:
+            # On CPU the encoder gets the actor's CPUs; on a GPU it only launches kernels.
+            torch.set_num_threads(cpus if self.device.type == "cpu" else min(2, cpus))
+        self.decode_threads = config.ray.decode_threads or cpus
+        self.model = model if model is not None else _load_model(config)
+        check_sizes(config, int(self.model.downsample_factor))
+        self.model.prepare(
+            device=str(self.device),
+            dtype=config.model.dtype,
+            channels_last=config.model.channels_last,
+            compile=config.model.compile,
+        )
+        self.manifest = build_manifest(config, self.model)
+        self.preprocessor = Preprocessor.from_config(config.preprocess)
+        p = config.preprocess
+        self.decode_options = DecodeOptions(
+            background=(int(p.background[0]), int(p.background[1]), int(p.background[2])),
+            max_pixels=p.max_pixels,
+            min_size=p.min_size,
+        )
+        self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+        self._fault = _FaultHook()
+        # Read from another thread by the actor's progress(); plain attribute writes are atomic.
+        self.shard_images = 0
+        self.current_shard: str | None = None
+
+    def close(self) -> None:
+        """Stop the decode threads."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- one shard --------------------------------------------------------------------------
+
+    def process_shard(self, url: str, name: str, *, num_shards: int = 1) -> ShardResult:
+        """Read, encode, write and commit input shard `url` as output shard `name`.
+
+        `num_shards` is the number of shards of the whole job (it sets the per-shard QA quota).
+        Bad samples become ledger rows; a shard-level problem (unreadable tar, storage or device
+        failure) raises, and nothing of the shard is committed.
+        """
+        start = time.monotonic()
+        out = self.config.output
+        self.current_shard = name
+        self.shard_images = 0
+        reader = ShardReader(
+            url,
+            self.config.input.storage_options,
+            image_exts=self.config.input.image_exts,
+            caption_key=self.config.input.caption_key,
+        )
+        qa = _QASelector(qa_per_shard(self.config.qa.samples, num_shards))
+        reasons: Counter[str] = Counter()
+        rows = 0
+        with ShardWriter(
+            out.path, name, fmt=out.format, dtype=out.dtype, storage_options=out.storage_options,
+            manifest_info=self.manifest,
+        ) as writer:
+            sink = _WriterThread(writer)
+            try:
+                for batch in self._batches(reader, url, reasons, sink):
+                    latent_rows = self._encode(batch, url, qa)
+                    sink.put(("rows", latent_rows))
+                    rows += len(latent_rows)
+                    self.shard_images = rows
+                    self._fault.check(rows)
+                sink.close()
+            except BaseException:
+                sink.abort()
+                raise
+            writer.add_qa_rows(qa.rows())
+            record = writer.commit()
+        self.current_shard = None
+        seconds = time.monotonic() - start
+        log.info("shard %s: %d rows, %d errors in %.1fs", name, record.rows, record.errors, seconds)
+        return ShardResult(
+            name=name, url=storage.redact(url), rows=record.rows, errors=record.errors,
+            errors_by_reason=dict(reasons), qa_rows=record.qa_rows, seconds=seconds,
+        )
+
+    # -- read + decode + batch ---------------------------------------------------------------
+
+    def _prepare(self, sample: Sample) -> Preprocessed | ErrorRow:
+        """Runs in the decode pool."""
+        try:
+            decoded = decode_image(sample.image, self.decode_options, needed_size=self.preprocessor.resized_size)
+        except DecodeError as e:
+            return ErrorRow(sample.key, "", "decode", e.reason, str(e))
+        except Exception as e:  # a decoder bug on one odd file must not fail the shard
+            return ErrorRow(sample.key, "", "decode", type(e).__name__, str(e))
+        try:
+            return self.preprocessor(decoded, sample.key)
+        except PreprocessError as e:
+            return ErrorRow(sample.key, "", "preprocess", e.reason, str(e))
+        except Exception as e:
+            return ErrorRow(sample.key, "", "preprocess", type(e).__name__, str(e))
+
+    def _batches(self, reader: ShardReader, url: str, reasons: Counter[str], sink: _WriterThread):
+        """Yield lists of (sample, preprocessed) of one target size, in a deterministic order."""
+        batch_size = self.config.ray.batch_size
+        prefetch = max(2 * batch_size, 4 * self.decode_threads)
+        # Partial buckets hold decoded images; cap them so many buckets cannot exhaust memory.
+        max_pending = 4 * batch_size
+        pending: dict[tuple[int, int], list[tuple[Sample, Preprocessed]]] = {}
+        in_flight: deque[tuple[Sample, Future]] = deque()
+
+        def collect(sample: Sample, future: Future):
+            result = future.result()
+            if isinstance(result, ErrorRow):
+                result.source = url
+                reasons[f"{result.stage}/{result.error}"] += 1
+                sink.put(("error", result))
+                return None
+            bucket = pending.setdefault(result.target_size, [])
+            bucket.append((sample, result))
+            if len(bucket) >= batch_size:
+                return pending.pop(result.target_size)
+            if sum(len(b) for b in pending.values()) > max_pending:
+                fullest = max(pending, key=lambda k: (len(pending[k]), k))
+                return pending.pop(fullest)
+            return None
+
+        for item in reader:
+            if isinstance(item, SampleError):
+                reasons[f"read/{item.reason}"] += 1
+                sink.put(("error", ErrorRow(item.key, url, "read", item.reason, item.message)))
+                continue
+            in_flight.append((item, self._pool.submit(self._prepare, item)))
+            while len(in_flight) >= prefetch:
+                ready = collect(*in_flight.popleft())
+                if ready:
+                    yield ready
+        while in_flight:
+            ready = collect(*in_flight.popleft())
+            if ready:
+                yield ready
+        for size in list(pending):
+            yield pending.pop(size)
+
+    # -- encode -------------------------------------------------------------------------------
+
+    def _encode(self, batch: list[tuple[Sample, Preprocessed]], url: str, qa: _QASelector) -> list[LatentRow]:
+        import torch
+
+        out = self.config.output
+        keep_logvar = out.store == "mean+logvar"
+        pixels = np.stack([p.pixels for _, p in batch])
+        mean, logvar = self._posterior(pixels)
+        flip_mean = flip_logvar = None
+        if out.flip:
+            flip_mean, flip_logvar = self._posterior(np.ascontiguousarray(pixels[:, :, ::-1]))
+        rows = []
+        for i, (sample, pre) in enumerate(batch):
+            latent = mean[i]
+            row = LatentRow(
+                key=sample.key,
+                source=url,
+                index=sample.index,
+                latent=latent,
+                logvar=logvar[i] if keep_logvar else None,
+                caption=sample.caption,
+                meta=sample.meta,
+                original_size=pre.original_size,
+                crop_top_left=pre.crop_top_left,
+                target_size=pre.target_size,
+            )
+            if out.store == "sample":
+                row.latent = self._sample(mean[i], logvar[i], sample.key, "sample", torch)
+            if out.flip:
+                assert flip_mean is not None and flip_logvar is not None
+                row.latent_flip = (
+                    self._sample(flip_mean[i], flip_logvar[i], sample.key, "sample-flip", torch)
+                    if out.store == "sample"
+                    else flip_mean[i]
+                )
+                row.logvar_flip = flip_logvar[i] if keep_logvar else None
+            rows.append(row)
+            qa.offer(
+                sample.key,
+                lambda s=sample, p=pre, m=latent: QARow(key=s.key, source=url, pixels=p.pixels, latent=m.copy(), bucket=p.bucket),
+            )
+        return rows
+
+    def _posterior(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [B, H, W, 3] -> fp32 posterior mean and logvar [B, C, h, w] as numpy."""
+        import torch
+
+        x = torch.from_numpy(pixels)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        # uint8 goes over the bus (4x less than float); scaling to [-1, 1] happens on the device.
+        x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        with torch.inference_mode():
+            posterior = self.model.encode(x)
+            mean = posterior.mean.float().cpu().numpy()
+            logvar = posterior.logvar.float().cpu().numpy()
+        return mean, logvar
+
+    def _sample(self, mean: np.ndarray, logvar: np.ndarray, key: str, what: str, torch: Any) -> np.ndarray:
+        # Noise seeded per key (not per batch) so a sample does not depend on batching or device.
+        g = torch.Generator().manual_seed(_key_seed(self.config.preprocess.seed, key, what))
+        eps = torch.randn(mean.shape, generator=g, dtype=torch.float32).numpy()
+        return (mean + np.exp(0.5 * logvar) * eps).astype(np.float32)
+
+
+class _WriterThread:
+    """Feeds a ShardWriter from a bounded queue in its own thread (the writer is single-threaded)."""
+
+    def __init__(self, writer: ShardWriter, depth: int = 4):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"writer-{writer.name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None or self._stop.is_set():
+                continue  # drain so the producer never blocks
+            kind, payload = item
+            try:
+                if kind == "rows":
+                    self.writer.write(payload)
+                else:
+                    self.writer.add_error(payload)
+            except BaseException as e:
+                self.error = e
+
+    def put(self, item: tuple[str, Any]) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Wait until everything queued is written; re-raise a write error."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        self._stop.set()
+        try:
+            self.queue.put(None, timeout=5)
+        except queue.Full:
+            pass
+        self.thread.join(timeout=30)
