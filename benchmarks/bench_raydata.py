@@ -1,14 +1,27 @@
 """Ours against the Ray Data way of writing the same job, side by side on the same shards.
 
-    python -m benchmarks.bench_raydata [--preset tiny --resolution 128 --shards 4 --per-shard 64]
+    python -m benchmarks.bench_raydata [--preset tiny --resolution 128 --shards 4 --per-shard 128]
 
 The peer is written the way the Ray Data preprocessing examples for Stable Diffusion write it:
-`ray.data.read_webdataset` -> a CPU `map_batches` that decodes, resizes and center-crops ->
-an Encoder class in `map_batches` (an actor pool, with the GPUs) -> `write_parquet`. Both run the
-same `latentae` model, dtype and batch size, on a local Ray instance with the same CPUs and GPUs.
-Each variant runs `--repeats` times, alternating; it reports median images/s (wall clock of the
-whole job after Ray is up) and the peak resident memory summed over the driver and all Ray
-worker processes.
+`ray.data.read_webdataset` -> a CPU `map_batches` that resizes and center-crops -> an Encoder
+class in `map_batches` (an actor pool, with the GPUs) -> `write_parquet`. Ray Data fuses the two
+`map_batches` into one actor (both ask for one CPU), so decoding happens in the read tasks and
+preprocessing + encoding in that actor.
+
+Both sides are measured the same way:
+
+* each runs in its own Python process that first starts a local Ray instance with the same
+  `--cpus` and GPUs; the clock starts after `ray.init` returns and stops when the output is
+  written, so both figures include starting the encode actor and loading the model (ours:
+  `pipeline.driver.run_encode`, exactly what `python -m pipeline encode` runs after Ray is up);
+* both encoders use the same model, dtype, batch size and torch thread count (on a CPU-only
+  machine: `--cpus` threads; the peer's actor reserves one logical CPU so that its read tasks
+  can run at all, ours reserves all of them, but the physical threads are the same);
+* peak memory is the largest sum of PSS over the job's whole process tree (driver, raylet,
+  GCS, workers, object store pages counted once), sampled every 0.1 s.
+
+Each variant runs `--repeats` times, interleaved and alternating which goes first; the table
+shows medians and the ratio of medians.
 """
 
 from __future__ import annotations
@@ -20,10 +33,25 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.common import PeakRSS, cmdline_has, make_bench_shards, median, table
+from benchmarks.common import TreePeak, make_bench_shards, median, table
+
+_OURS = r'''
+import json, sys, time
+import ray
+
+args = json.loads(sys.argv[1])
+ray.init(num_cpus=args["cpus"], num_gpus=args["gpus"], include_dashboard=False, log_to_driver=False)
+from pipeline.config import load_config
+from pipeline.driver import run_encode
+
+config = load_config(args["config"])
+t0 = time.perf_counter()
+summary = run_encode(config)
+seconds = time.perf_counter() - t0
+print(json.dumps({"images": summary.images, "seconds": seconds}))
+'''
 
 _PEER = r'''
 import io, sys, time, json
@@ -33,12 +61,14 @@ from PIL import Image
 
 args = json.loads(sys.argv[1])
 ray.init(num_cpus=args["cpus"], num_gpus=args["gpus"], include_dashboard=False, log_to_driver=False)
+ray.data.DataContext.get_current().enable_progress_bars = False
 res = args["resolution"]
 
 def preprocess(batch):
     out = []
     for data in batch["jpg"]:
-        img = Image.open(io.BytesIO(data)).convert("RGB")
+        # read_webdataset's default decoder hands over HWC uint8 arrays.
+        img = Image.fromarray(data).convert("RGB") if isinstance(data, np.ndarray) else Image.open(io.BytesIO(data)).convert("RGB")
         w, h = img.size
         s = res / min(w, h)
         img = img.resize((max(res, round(w * s)), max(res, round(h * s))), Image.LANCZOS)
@@ -51,7 +81,7 @@ class Encoder:
     def __init__(self):
         import torch
         from latentae import AutoencoderKL
-        torch.set_num_threads(max(1, int(args["encoder_cpus"])))
+        torch.set_num_threads(max(1, int(args["torch_threads"])))
         self.torch = torch
         self.device = "cuda" if args["gpus"] else "cpu"
         self.model = AutoencoderKL.from_preset(args["preset"]).prepare(device=self.device, dtype=args["dtype"])
@@ -64,7 +94,7 @@ class Encoder:
         return {"key": batch["key"], "latent": list(mean.reshape(len(mean), -1).astype(np.float16))}
 
 t0 = time.perf_counter()
-ds = ray.data.read_webdataset(args["shards"], decoder=False)
+ds = ray.data.read_webdataset(args["shards"])
 ds = ds.map_batches(preprocess, batch_size=args["batch"], num_cpus=1)
 ds = ds.map_batches(Encoder, batch_size=args["batch"], concurrency=1, num_cpus=args["encoder_cpus"], num_gpus=args["gpus"])
 ds.write_parquet(args["out"])
@@ -74,15 +104,35 @@ print(json.dumps({"images": rows, "seconds": seconds}))
 '''
 
 
+def _torch_threads(args) -> int:
+    # The same rule as EncodeWorker(set_threads=True): all the CPUs on a CPU-only machine, at
+    # most two (kernel launches only) with a GPU.
+    cpus = max(1, int(args.cpus))
+    return min(2, cpus) if args.device.startswith("cuda") else cpus
+
+
+def _run(script: str, payload: dict) -> dict:
+    """Run one job in its own process; returns images, seconds (after Ray is up) and peak memory."""
+    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(payload)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, RAY_DEDUP_LOGS="0"))
+    with TreePeak(proc.pid) as mem:
+        out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark job failed (exit {proc.returncode}):\n{err[-4000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_mb"] = mem.peak / 2**20
+    result["memory_measure"] = mem.measure
+    return result
+
+
 def run_peer(args, shards: list[str], out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     gpus = 1 if args.device.startswith("cuda") else 0
     payload = {"shards": shards, "out": str(out), "cpus": args.cpus, "gpus": gpus, "resolution": args.resolution,
                "preset": args.preset, "dtype": args.dtype, "batch": args.batch,
-               # On a CPU-only machine the encoder needs CPUs of its own; leave one for decoding.
-               "encoder_cpus": 1 if gpus else max(1, args.cpus - 1)}
-    proc = subprocess.run([sys.executable, "-c", _PEER, json.dumps(payload)], check=True, capture_output=True, text=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+               # One logical CPU for the (fused) Encoder actor leaves the rest to the read tasks.
+               "encoder_cpus": 1, "torch_threads": _torch_threads(args)}
+    return _run(_PEER, payload)
 
 
 def run_ours(args, shards: list[str], workdir: Path) -> dict:
@@ -100,10 +150,7 @@ def run_ours(args, shards: list[str], workdir: Path) -> dict:
         "ray": {"workers": 1, "num_gpus_per_worker": gpus, "num_cpus_per_worker": args.cpus, "batch_size": args.batch},
         "qa": {"samples": 8},
     }))
-    subprocess.run([sys.executable, "-m", "pipeline", "encode", str(cfg)], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
-    summary = json.loads((out / "summary.json").read_text())
-    return {"images": summary["images"], "seconds": summary["seconds"]}
+    return _run(_OURS, {"config": str(cfg), "cpus": args.cpus, "gpus": gpus})
 
 
 def main(argv=None) -> int:
@@ -111,7 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--per-shard", type=int, default=64)
+    p.add_argument("--per-shard", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--device", default="cpu")
@@ -124,30 +171,32 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-raydata-"))
     shards = make_bench_shards(workdir / "shards", args.shards, args.per_shard, int(args.resolution * 1.25))
     results: dict[str, list[dict]] = {"ours": [], "ray-data": []}
-    everything = cmdline_has("ray::", "-m pipeline", "raylet", "gcs_server", "ray.data.read_webdataset")
-    for _ in range(args.repeats):
-        for name, fn in (("ours", lambda: run_ours(args, shards, workdir)),
-                         ("ray-data", lambda: run_peer(args, shards, workdir / "peer-out"))):
-            with PeakRSS({"all": everything}) as mem:
-                t0 = time.perf_counter()
-                r = fn()
-                r["wall"] = time.perf_counter() - t0
+    variants = [("ours", lambda: run_ours(args, shards, workdir)),
+                ("ray-data", lambda: run_peer(args, shards, workdir / "peer-out"))]
+    for i in range(args.repeats):
+        # Interleaved, alternating who goes first, so drifting machine load hits both alike.
+        for name, fn in variants if i % 2 == 0 else variants[::-1]:
+            r = fn()
             r["rate"] = r["images"] / r["seconds"]
-            r["peak_rss_mb"] = mem.peak["all"] / 2**20
             results[name].append(r)
+            print(f"  {name}: {r['images']} images in {r['seconds']:.1f}s = {r['rate']:.2f} images/s, "
+                  f"peak {r['peak_mb']:.0f} MiB", file=sys.stderr, flush=True)
 
-    med = {k: {m: median(r[m] for r in v) for m in ("rate", "peak_rss_mb", "images")} for k, v in results.items()}
+    med = {k: {m: median(r[m] for r in v) for m in ("rate", "peak_mb", "images")} for k, v in results.items()}
+    measure = results["ours"][0]["memory_measure"].upper()
     print(table(
         f"Ours vs the Ray Data way: {args.preset} @ {args.resolution}px, {args.dtype}, batch {args.batch}, "
         f"{args.device}, {args.cpus} CPUs, {args.shards * args.per_shard} images x {args.repeats} repeats",
-        ["pipeline", "images", "images/s (median)", "peak RSS MiB (median)"],
-        [[k, int(v["images"]), v["rate"], v["peak_rss_mb"]] for k, v in med.items()]))
+        ["pipeline", "images", "images/s (median)", "range", f"peak {measure} MiB (median)"],
+        [[k, int(v["images"]), v["rate"], f"{min(r['rate'] for r in results[k]):.1f}-{max(r['rate'] for r in results[k]):.1f}",
+          v["peak_mb"]] for k, v in med.items()]))
     ratio = med["ours"]["rate"] / med["ray-data"]["rate"]
-    mem_ratio = med["ours"]["peak_rss_mb"] / med["ray-data"]["peak_rss_mb"]
+    mem_ratio = med["ours"]["peak_mb"] / med["ray-data"]["peak_mb"]
     print(table("Ratios", ["ratio", "value"], [["ours / ray-data images/s", ratio],
-                                               ["ours / ray-data peak RSS", mem_ratio]]))
+                                               [f"ours / ray-data peak {measure}", mem_ratio]]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"medians": med, "speed_ratio": ratio, "memory_ratio": mem_ratio}, indent=2))
+        Path(args.json).write_text(json.dumps({"medians": med, "runs": results, "speed_ratio": ratio,
+                                               "memory_ratio": mem_ratio, "args": vars(args)}, indent=2))
     return 0
 
 

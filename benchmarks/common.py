@@ -126,6 +126,63 @@ class PeakRSS:
             self._stop.wait(self.interval)
 
 
+class TreePeak:
+    """Peak memory of a process and all its descendants (a job's driver, raylet, GCS, workers).
+
+    Sums PSS (proportional set size) where the kernel reports it: pages shared between processes
+    (Ray's object store, the torch libraries) count once in total instead of once per process,
+    which a sum of RSS would do. Falls back to RSS where PSS cannot be read.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self.measure = "pss"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TreePeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _one(self, proc) -> int:
+        import psutil
+
+        try:
+            if self.measure == "pss":
+                return proc.memory_full_info().pss
+            return proc.memory_info().rss
+        except psutil.AccessDenied:
+            self.measure = "rss"
+            return proc.memory_info().rss
+
+    def _run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._stop.is_set():
+            total = 0
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            for proc in procs:
+                try:
+                    total += self._one(proc)
+                except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                    continue
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+
 def cmdline_has(*needles: str) -> Callable:
     def pred(proc) -> bool:
         cmd = " ".join(proc.info.get("cmdline") or [])

@@ -250,6 +250,7 @@ class EncodeWorker:
             compile=config.model.compile,
         )
         self.manifest = build_manifest(config, self.model)
+        self._encoder = _DeviceEncoder(self.model, self.device)
         self.preprocessor = Preprocessor.from_config(config.preprocess)
         p = config.preprocess
         self.decode_options = DecodeOptions(
@@ -294,13 +295,27 @@ class EncodeWorker:
             manifest_info=self.manifest,
         ) as writer:
             sink = _WriterThread(writer)
+
+            def finish(launched: _Launched) -> None:
+                nonlocal rows
+                latent_rows = self._rows(launched, url, qa)
+                sink.put(("rows", latent_rows))
+                rows += len(latent_rows)
+                self.shard_images = rows
+                self._fault.check(rows)
+
             try:
+                # One batch stays in flight on the device while the next one is assembled: on
+                # CUDA the encoder computes batch N while this thread collects decoded samples
+                # and builds the rows of batch N-1.
+                in_flight: _Launched | None = None
                 for batch in self._batches(reader, url, reasons, sink):
-                    latent_rows = self._encode(batch, url, qa)
-                    sink.put(("rows", latent_rows))
-                    rows += len(latent_rows)
-                    self.shard_images = rows
-                    self._fault.check(rows)
+                    launched = self._launch(batch)
+                    if in_flight is not None:
+                        finish(in_flight)
+                    in_flight = launched
+                if in_flight is not None:
+                    finish(in_flight)
                 sink.close()
             except BaseException:
                 sink.abort()
@@ -376,18 +391,19 @@ class EncodeWorker:
 
     # -- encode -------------------------------------------------------------------------------
 
-    def _encode(self, batch: list[tuple[Sample, Preprocessed]], url: str, qa: _QASelector) -> list[LatentRow]:
+    def _launch(self, batch: list[tuple[Sample, Preprocessed]]) -> _Launched:
+        """Start encoding `batch` (asynchronously on CUDA); `_rows` collects the result."""
+        pixels = np.stack([p.pixels for _, p in batch])
+        return _Launched(batch, self._encoder.launch(pixels, flip=self.config.output.flip))
+
+    def _rows(self, launched: _Launched, url: str, qa: _QASelector) -> list[LatentRow]:
         import torch
 
         out = self.config.output
         keep_logvar = out.store == "mean+logvar"
-        pixels = np.stack([p.pixels for _, p in batch])
-        mean, logvar = self._posterior(pixels)
-        flip_mean = flip_logvar = None
-        if out.flip:
-            flip_mean, flip_logvar = self._posterior(np.ascontiguousarray(pixels[:, :, ::-1]))
+        mean, logvar, flip_mean, flip_logvar = launched.result.get()
         rows = []
-        for i, (sample, pre) in enumerate(batch):
+        for i, (sample, pre) in enumerate(launched.batch):
             latent = mean[i]
             row = LatentRow(
                 key=sample.key,
@@ -419,18 +435,8 @@ class EncodeWorker:
         return rows
 
     def _posterior(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [B, H, W, 3] -> fp32 posterior mean and logvar [B, C, h, w] as numpy."""
-        import torch
-
-        x = torch.from_numpy(pixels)
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        # uint8 goes over the bus (4x less than float); scaling to [-1, 1] happens on the device.
-        x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-        with torch.inference_mode():
-            posterior = self.model.encode(x)
-            mean = posterior.mean.float().cpu().numpy()
-            logvar = posterior.logvar.float().cpu().numpy()
+        """uint8 [B, H, W, 3] -> fp32 posterior mean and logvar [B, C, h, w] as numpy (synchronous)."""
+        mean, logvar, _, _ = self._encoder.launch(pixels, flip=False).get()
         return mean, logvar
 
     def _sample(self, mean: np.ndarray, logvar: np.ndarray, key: str, what: str, torch: Any) -> np.ndarray:
@@ -438,6 +444,123 @@ class EncodeWorker:
         g = torch.Generator().manual_seed(_key_seed(self.config.preprocess.seed, key, what))
         eps = torch.randn(mean.shape, generator=g, dtype=torch.float32).numpy()
         return (mean + np.exp(0.5 * logvar) * eps).astype(np.float32)
+
+
+@dataclass
+class _Launched:
+    """A batch whose encoding has been started on the device."""
+
+    batch: list[tuple[Sample, Preprocessed]]
+    result: _PendingPosterior
+
+
+class _PendingPosterior:
+    """Posterior tensors of one batch, on their way back to the host.
+
+    `get()` waits for the device (CUDA: for this batch's copies only) and returns numpy arrays
+    that the caller owns: (mean, logvar, flip_mean, flip_logvar), the flipped pair None unless
+    asked for.
+    """
+
+    def __init__(self, host: list[Any], event: Any = None):
+        self._host = host
+        self._event = event
+
+    def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        if self._event is not None:
+            self._event.synchronize()
+            # The pinned buffers are reused two batches later: hand out copies.
+            arrays = [t.numpy().copy() for t in self._host]
+        else:
+            arrays = [t.numpy() for t in self._host]
+        mean, logvar = arrays[0], arrays[1]
+        flip_mean, flip_logvar = (arrays[2], arrays[3]) if len(arrays) > 2 else (None, None)
+        return mean, logvar, flip_mean, flip_logvar
+
+
+class _DeviceEncoder:
+    """Runs the encoder on uint8 batches; on CUDA the copies and the compute are asynchronous.
+
+    CPU: plain synchronous calls. CUDA: each batch is copied into one of two reused pinned host
+    buffers and sent to the device on a separate copy stream (so the upload of batch N+1 overlaps
+    the encoder's work on batch N); the compute stream waits for that copy only, runs the
+    encoder, and copies the posterior back into reused pinned buffers without blocking; an event
+    marks when they are filled. Only uint8 crosses the bus on the way in (4x less than float32);
+    the scaling to [-1, 1] happens on the device. At most two batches use the buffers at a time
+    (the one being encoded and the one being prepared), which `EncodeWorker` guarantees by
+    collecting batch N before launching batch N+2.
+    """
+
+    _SLOTS = 2
+
+    def __init__(self, model: Any, device: Any):
+        import torch
+
+        self.model = model
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._slot = 0
+        # Per slot: pinned host input by (shape, flip), its upload-done event, pinned outputs by shape.
+        self._staging: list[dict[tuple, Any]] = [{} for _ in range(self._SLOTS)]
+        self._uploaded: list[Any] = [None] * self._SLOTS
+        self._outputs: list[dict[tuple, Any]] = [{} for _ in range(self._SLOTS)]
+        if self.cuda:
+            self._copy_stream = torch.cuda.Stream(device=device)
+
+    def launch(self, pixels: np.ndarray, *, flip: bool) -> _PendingPosterior:
+        """Start encoding uint8 [B, H, W, 3] (and its mirror image when `flip`)."""
+        import torch
+
+        with torch.inference_mode():
+            if not self.cuda:
+                host = list(self._encode(torch.from_numpy(pixels)))
+                if flip:
+                    host += self._encode(torch.from_numpy(np.ascontiguousarray(pixels[:, :, ::-1])))
+                return _PendingPosterior(host)
+            return self._launch_cuda(pixels, flip)
+
+    def _encode(self, x: Any) -> tuple[Any, Any]:
+        # x: uint8 NHWC on the device -> float32 mean, logvar (on the device).
+        x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        posterior = self.model.encode(x)
+        return posterior.mean.float(), posterior.logvar.float()
+
+    def _launch_cuda(self, pixels: np.ndarray, flip: bool) -> _PendingPosterior:
+        import torch
+
+        slot = self._slot
+        self._slot = (slot + 1) % self._SLOTS
+        staging = self._staging[slot].get(pixels.shape)
+        if staging is None:
+            staging = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+            self._staging[slot][pixels.shape] = staging
+        if self._uploaded[slot] is not None:
+            self._uploaded[slot].synchronize()  # the upload that last read this buffer is done
+        staging.numpy()[...] = pixels
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            x = staging.to(self.device, non_blocking=True)
+            uploaded = torch.cuda.Event()
+            uploaded.record(self._copy_stream)
+        self._uploaded[slot] = uploaded
+        compute.wait_event(uploaded)
+        # x was allocated on the copy stream; tell the caching allocator the compute stream uses it.
+        x.record_stream(compute)
+        outputs = list(self._encode(x))
+        if flip:
+            outputs += self._encode(x.flip(2))
+        host = []
+        for i, t in enumerate(outputs):
+            key = (i, tuple(t.shape))
+            buf = self._outputs[slot].get(key)
+            if buf is None:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                self._outputs[slot][key] = buf
+            buf.copy_(t, non_blocking=True)
+            host.append(buf)
+        done = torch.cuda.Event()
+        done.record(compute)
+        return _PendingPosterior(host, done)
 
 
 class _WriterThread:

@@ -1,0 +1,32 @@
+"""The worker's device stage on CPU: launched batches give exactly what the encoder gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.worker import _DeviceEncoder
+
+
+def test_launch_matches_the_encoder_and_its_mirror_image():
+    from latentae import AutoencoderKL
+
+    model = AutoencoderKL.from_preset("tiny").prepare(device="cpu")
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    encoder = _DeviceEncoder(model, torch.device("cpu"))
+    # Two batches launched before either is collected, as the worker does.
+    first = encoder.launch(pixels, flip=True)
+    second = encoder.launch(pixels[:2], flip=False)
+    mean, logvar, flip_mean, flip_logvar = first.get()
+    with torch.inference_mode():
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+        direct = model.encode(x)
+        mirrored = model.encode(x.flip(3))
+        direct2 = model.encode(x[:2].contiguous())
+    np.testing.assert_array_equal(mean, direct.mean.numpy())
+    np.testing.assert_array_equal(logvar, direct.logvar.numpy())
+    np.testing.assert_array_equal(flip_mean, mirrored.mean.numpy())
+    np.testing.assert_array_equal(flip_logvar, mirrored.logvar.numpy())
+    mean2, _, none_mean, none_logvar = second.get()
+    assert none_mean is None and none_logvar is None
+    np.testing.assert_array_equal(mean2, direct2.mean.numpy())
