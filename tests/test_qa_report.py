@@ -177,9 +177,11 @@ def test_report_is_complete_and_matches_metrics(good_report, tmp_path):
     assert storage["dtype"] == "bf16" and storage["beyond_rounding"] == 0
     assert abs(storage["psnr_lost_db"]["mean"]) < 0.5
     stats = metrics["latent_stats"]
-    # 6 square images (8x8 latents) and 4 of 56x72 (7x9), 8 channels each.
-    assert stats["overall"]["count"] == (6 * 8 * 8 + 4 * 7 * 9) * 8 and stats["overall"]["nan"] == 0
-    assert len(stats["channels"]) == 8 and len(stats["histogram"]["channels"]) == 8
+    # 6 square images and 4 of 56x72: the manifest's latent shapes, in bucket order.
+    square, wide = metrics["provenance"]["shapes"]
+    assert stats["overall"]["count"] == 6 * math.prod(square) + 4 * math.prod(wide)
+    assert stats["overall"]["nan"] == 0
+    assert len(stats["channels"]) == square[0] == len(stats["histogram"]["channels"])
     assert metrics["provenance"]["manifest_fingerprint"]
 
     html_path = out / "qa" / "report.html"
