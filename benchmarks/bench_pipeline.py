@@ -51,7 +51,7 @@ def build_config(args, shards: list[str], out: str):
         "input": {"urls": shards},
         "output": {"path": out, "dtype": args.out_dtype, "format": "parquet"},
         "model": {"preset": args.preset, "dtype": args.dtype, "channels_last": args.channels_last,
-                  "compile": args.compile},
+                  "compile": args.compile, "cuda_graphs": not args.no_cuda_graphs},
         "preprocess": {"resolution": args.resolution},
         "ray": {"workers": 1, "num_gpus_per_worker": 1 if args.device.startswith("cuda") else 0,
                 "num_cpus_per_worker": args.cpus, "batch_size": args.batch, "decode_threads": args.decode_threads},
@@ -203,11 +203,12 @@ def main(argv=None) -> int:
     p.add_argument("--out-dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="launch the encoder eagerly on CUDA")
     p.add_argument("--device", default="cpu")
     p.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1))
     p.add_argument("--decode-threads", type=int, default=None, help="decode pool threads (default: the CPUs)")
     p.add_argument("--encoder-threads", type=int, default=None,
-                   help="torch CPU threads of the encoder (default: the CPUs)")
+                   help="torch CPU threads of the encoder (default: the CPUs; 2 on CUDA, as a Ray actor sets)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--concurrent-seconds", type=float, default=8.0,
                    help="length of the window in which both stages run at once")
@@ -220,8 +221,8 @@ def main(argv=None) -> int:
 
     from pipeline.worker import EncodeWorker
 
-    if args.device == "cpu":
-        torch.set_num_threads(args.encoder_threads or max(1, int(args.cpus)))
+    encoder_threads = args.encoder_threads or (max(1, int(args.cpus)) if args.device == "cpu" else min(2, int(args.cpus)))
+    torch.set_num_threads(encoder_threads)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-pipeline-"))
     source = args.source_side or int(args.resolution * 1.25)
     shards = make_bench_shards(workdir / "shards", args.shards, args.per_shard, source)
@@ -266,8 +267,8 @@ def main(argv=None) -> int:
     rows = [[k, med[k], f"{min(v):.1f}-{max(v):.1f}"] for k, v in rates.items()]
     print(table(
         f"Pipeline efficiency: {args.preset} @ {args.resolution}px, {args.dtype}, batch {args.batch}, "
-        f"{args.device}, {args.cpus:g} CPUs (encoder threads {args.encoder_threads or int(args.cpus)}, decode threads "
-        f"{worker.decode_threads}), JPEG side {source}, {total} images x {args.repeats} repeats",
+        f"{args.device}, {args.cpus:g} CPUs (encoder threads {encoder_threads}, decode threads "
+        f"{worker.decode_threads}, CUDA graphs {worker._encoder.cuda_graphs}), JPEG side {source}, {total} images x {args.repeats} repeats",
         ["stage", "images/s (median)", "range"], rows))
     concurrent_limit = min(med["decode, concurrent"], med["encode, concurrent"])
     ratios = {

@@ -90,6 +90,7 @@ class AutoencoderKL(nn.Module):
             ch=config.ch, out_ch=config.out_channels, ch_mult=config.ch_mult, num_res_blocks=config.num_res_blocks,
             attn_resolutions=config.attn_resolutions, dropout=config.dropout, in_channels=config.in_channels,
             resolution=config.resolution, z_channels=config.z_channels, attn_type=config.attn_type,
+            norm_num_groups=config.norm_num_groups,
         )
         self.encoder = Encoder(double_z=config.double_z, **common)
         self.decoder = Decoder(**common)

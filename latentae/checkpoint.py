@@ -321,8 +321,6 @@ def config_from_diffusers(d: Mapping[str, Any]) -> AutoencoderConfig:
         latent = int(d["latent_channels"])
     except KeyError as exc:
         raise ConfigError(f"diffusers config lacks key {exc.args[0]!r}") from None
-    if int(d.get("norm_num_groups", 32)) != 32:
-        raise ConfigError(f"diffusers config key 'norm_num_groups' must be 32, got {d['norm_num_groups']}")
     if d.get("act_fn", "silu") != "silu":
         raise ConfigError(f"diffusers config key 'act_fn' must be 'silu', got {d['act_fn']!r}")
     ch = boc[0]
@@ -354,6 +352,7 @@ def config_from_diffusers(d: Mapping[str, Any]) -> AutoencoderConfig:
         use_quant_conv=bool(d.get("use_quant_conv", True)),
         use_post_quant_conv=bool(d.get("use_post_quant_conv", True)),
         attn_type="vanilla" if mid_attn else "none",
+        norm_num_groups=int(d.get("norm_num_groups", 32)),
         scaling_factor=float(d.get("scaling_factor", 0.18215)),
         shift_factor=float(shift) if shift is not None else 0.0,
     )
@@ -395,7 +394,7 @@ def config_to_diffusers(config: AutoencoderConfig) -> dict[str, Any]:
         "out_channels": config.out_channels,
         "latent_channels": config.z_channels,
         "layers_per_block": config.num_res_blocks,
-        "norm_num_groups": 32,
+        "norm_num_groups": config.norm_num_groups,
         "sample_size": config.resolution,
         "scaling_factor": config.scaling_factor,
         "shift_factor": config.shift_factor if config.shift_factor else None,

@@ -20,7 +20,8 @@ class AutoencoderConfig:
     ``ch_mult`` sets the number of levels; the spatial downsampling factor is ``2 ** (len(ch_mult)-1)``.
     ``attn_resolutions`` are feature-map sizes relative to ``resolution`` that get attention (the
     middle block always has one). ``embed_dim`` is the latent channel count after ``quant_conv``;
-    without quant convs it must equal ``z_channels``. Latents for diffusion are
+    without quant convs it must equal ``z_channels``. ``norm_num_groups`` is the GroupNorm group count
+    (32 in CompVis models; diffusers' key of the same name); every level's width must be a multiple. Latents for diffusion are
     ``(z - shift_factor) * scaling_factor``.
     """
 
@@ -38,6 +39,7 @@ class AutoencoderConfig:
     use_post_quant_conv: bool = True
     dropout: float = 0.0
     attn_type: str = "vanilla"
+    norm_num_groups: int = 32
     scaling_factor: float = 0.18215
     shift_factor: float = 0.0
 
@@ -53,12 +55,15 @@ class AutoencoderConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first inconsistent field."""
-        for name in ("in_channels", "out_channels", "ch", "num_res_blocks", "resolution", "z_channels", "embed_dim"):
+        for name in ("in_channels", "out_channels", "ch", "num_res_blocks", "resolution", "z_channels", "embed_dim",
+                     "norm_num_groups"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config field {name!r} must be a positive int, got {value!r}")
-        if self.ch % 32 != 0:
-            raise ConfigError(f"config field 'ch' must be a multiple of 32 (GroupNorm groups), got {self.ch}")
+        if self.ch % self.norm_num_groups != 0:
+            raise ConfigError(
+                f"config field 'ch' must be a multiple of 'norm_num_groups' ({self.norm_num_groups}), got {self.ch}"
+            )
         if not self.ch_mult or any(m <= 0 for m in self.ch_mult):
             raise ConfigError(f"config field 'ch_mult' must be non-empty positive ints, got {self.ch_mult}")
         if self.attn_type not in ATTN_TYPES:
@@ -110,7 +115,10 @@ class AutoencoderConfig:
         return AutoencoderConfig.from_dict({**self.to_dict(), **changes})
 
     def same_architecture(self, other: AutoencoderConfig) -> bool:
-        """True when both configs build modules with identical parameter names and shapes."""
+        """True when both configs build modules with identical parameter names and shapes.
+
+        ``norm_num_groups`` is not compared: it changes no tensor, so a checkpoint cannot show it.
+        """
         keys = ("in_channels", "out_channels", "ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim",
                 "double_z", "use_quant_conv", "use_post_quant_conv", "attn_type")
         if any(getattr(self, k) != getattr(other, k) for k in keys):

@@ -112,6 +112,7 @@ class ResnetBlock(nn.Module):
         out_channels: int | None = None,
         conv_shortcut: bool = False,
         dropout: float = 0.0,
+        norm_num_groups: int = 32,
     ) -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -119,9 +120,9 @@ class ResnetBlock(nn.Module):
         self.out_channels = out_channels
         self.use_conv_shortcut = conv_shortcut
 
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, norm_num_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, norm_num_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
@@ -148,10 +149,10 @@ class AttnBlock(nn.Module):
     ``F.scaled_dot_product_attention`` so that fused kernels avoid materialising the score matrix.
     """
 
-    def __init__(self, in_channels: int) -> None:
+    def __init__(self, in_channels: int, norm_num_groups: int = 32) -> None:
         super().__init__()
         self.in_channels = in_channels
-        self.norm = Normalize(in_channels)
+        self.norm = Normalize(in_channels, norm_num_groups)
         self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
         self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
         self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
@@ -202,10 +203,10 @@ class LinAttnBlock(nn.Module):
         return self.to_out(out.reshape(b, c, h, w))
 
 
-def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:
+def make_attn(in_channels: int, attn_type: str = "vanilla", norm_num_groups: int = 32) -> nn.Module:
     """Build the attention block named by ``attn_type`` ("vanilla", "linear" or "none" = identity)."""
     if attn_type == "vanilla":
-        return AttnBlock(in_channels)
+        return AttnBlock(in_channels, norm_num_groups)
     if attn_type == "linear":
         return LinAttnBlock(in_channels)
     if attn_type == "none":
@@ -213,9 +214,11 @@ def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:
     raise ValueError(f"attn_type must be one of {ATTN_TYPES}, got {attn_type!r}")
 
 
-def _check_common(ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_type: str) -> None:
-    if ch <= 0 or ch % 32 != 0:
-        raise ValueError(f"ch must be a positive multiple of 32 (GroupNorm has 32 groups), got {ch}")
+def _check_common(ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_type: str, norm_num_groups: int) -> None:
+    if norm_num_groups <= 0:
+        raise ValueError(f"norm_num_groups must be positive, got {norm_num_groups}")
+    if ch <= 0 or ch % norm_num_groups != 0:
+        raise ValueError(f"ch must be a positive multiple of norm_num_groups ({norm_num_groups}), got {ch}")
     if len(ch_mult) == 0 or any(m <= 0 for m in ch_mult):
         raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {tuple(ch_mult)}")
     if num_res_blocks < 1:
@@ -242,6 +245,7 @@ class Encoder(nn.Module):
         z_channels: latent channels.
         double_z: output ``2 * z_channels`` (mean and logvar) instead of ``z_channels``.
         attn_type: "vanilla", "linear" or "none".
+        norm_num_groups: GroupNorm groups (32 in every CompVis model; every level's width must divide).
     """
 
     def __init__(
@@ -259,9 +263,10 @@ class Encoder(nn.Module):
         z_channels: int,
         double_z: bool = False,
         attn_type: str = "vanilla",
+        norm_num_groups: int = 32,
     ) -> None:
         super().__init__()
-        _check_common(ch, ch_mult, num_res_blocks, attn_type)
+        _check_common(ch, ch_mult, num_res_blocks, attn_type, norm_num_groups)
         self.ch = ch
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -283,10 +288,11 @@ class Encoder(nn.Module):
             block_in = ch * in_ch_mult[i_level]
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout))
+                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout,
+                                         norm_num_groups=norm_num_groups))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type))
+                    attn.append(make_attn(block_in, attn_type, norm_num_groups))
             down = nn.Module()
             down.block = block
             down.attn = attn
@@ -296,11 +302,13 @@ class Encoder(nn.Module):
             self.down.append(down)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
+        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout,
+                                       norm_num_groups=norm_num_groups)
+        self.mid.attn_1 = make_attn(block_in, attn_type, norm_num_groups)
+        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout,
+                                       norm_num_groups=norm_num_groups)
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(
             block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1, padding=1
         )
@@ -358,9 +366,10 @@ class Decoder(nn.Module):
         give_pre_end: bool = False,
         tanh_out: bool = False,
         attn_type: str = "vanilla",
+        norm_num_groups: int = 32,
     ) -> None:
         super().__init__()
-        _check_common(ch, ch_mult, num_res_blocks, attn_type)
+        _check_common(ch, ch_mult, num_res_blocks, attn_type, norm_num_groups)
         self.ch = ch
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -379,9 +388,11 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
+        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout,
+                                       norm_num_groups=norm_num_groups)
+        self.mid.attn_1 = make_attn(block_in, attn_type, norm_num_groups)
+        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout,
+                                       norm_num_groups=norm_num_groups)
 
         # Built from the lowest resolution up, but stored so that up[i] is level i (as the encoder's
         # down[i]): this is the original's (and every checkpoint's) indexing.
@@ -391,10 +402,11 @@ class Decoder(nn.Module):
             attn = nn.ModuleList()
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout))
+                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout,
+                                         norm_num_groups=norm_num_groups))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type))
+                    attn.append(make_attn(block_in, attn_type, norm_num_groups))
             up = nn.Module()
             up.block = block
             up.attn = attn
@@ -404,7 +416,7 @@ class Decoder(nn.Module):
             ups.insert(0, up)
         self.up = nn.ModuleList(ups)
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     @property

@@ -91,6 +91,8 @@ class ModelConfig:
     dtype: DType = "fp32"
     channels_last: bool = False
     compile: bool = False
+    #: On CUDA, replay the encoder as a captured CUDA graph per batch shape (ignored with `compile`).
+    cuda_graphs: bool = True
 
 
 @dataclass

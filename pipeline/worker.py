@@ -250,7 +250,9 @@ class EncodeWorker:
             compile=config.model.compile,
         )
         self.manifest = build_manifest(config, self.model)
-        self._encoder = _DeviceEncoder(self.model, self.device)
+        self._encoder = _DeviceEncoder(
+            self.model, self.device, cuda_graphs=config.model.cuda_graphs and not config.model.compile,
+        )
         self.preprocessor = Preprocessor.from_config(config.preprocess)
         p = config.preprocess
         self.decode_options = DecodeOptions(
@@ -489,11 +491,17 @@ class _DeviceEncoder:
     the scaling to [-1, 1] happens on the device. At most two batches use the buffers at a time
     (the one being encoded and the one being prepared), which `EncodeWorker` guarantees by
     collecting batch N before launching batch N+2.
+
+    With `cuda_graphs`, the encoder of each (slot, batch shape, flip) is captured once as a CUDA
+    graph and then replayed: one call per batch instead of hundreds of kernel launches from
+    Python. That matters because the launching thread shares the GIL with the decode threads;
+    eager launches starve while they decode. All graphs share one memory pool (they replay one
+    after another on one stream), and a shape whose capture fails falls back to eager calls.
     """
 
     _SLOTS = 2
 
-    def __init__(self, model: Any, device: Any):
+    def __init__(self, model: Any, device: Any, *, cuda_graphs: bool = False):
         import torch
 
         self.model = model
@@ -504,6 +512,10 @@ class _DeviceEncoder:
         self._staging: list[dict[tuple, Any]] = [{} for _ in range(self._SLOTS)]
         self._uploaded: list[Any] = [None] * self._SLOTS
         self._outputs: list[dict[tuple, Any]] = [{} for _ in range(self._SLOTS)]
+        self.cuda_graphs = bool(cuda_graphs) and self.cuda
+        # (slot, shape, flip) -> (graph, static uint8 input, static outputs), or None after a failed capture.
+        self._graphs: dict[tuple, Any] = {}
+        self._graph_pool: Any = None
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(device=device)
 
@@ -524,6 +536,43 @@ class _DeviceEncoder:
         x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         posterior = self.model.encode(x)
         return posterior.mean.float(), posterior.logvar.float()
+
+    def _encode_all(self, x: Any, flip: bool) -> list[Any]:
+        outputs = list(self._encode(x))
+        if flip:
+            outputs += self._encode(x.flip(2))
+        return outputs
+
+    def _graph(self, slot: int, shape: tuple, flip: bool) -> Any:
+        """The captured graph for this slot, shape and flip (captured on first use); None: run eagerly."""
+        import torch
+
+        key = (slot, shape, flip)
+        if key in self._graphs:
+            return self._graphs[key]
+        entry = None
+        try:
+            torch.cuda.synchronize(self.device)
+            static_in = torch.zeros(shape, dtype=torch.uint8, device=self.device)
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up (cuDNN/cuBLAS choose their kernels) before capture
+                for _ in range(2):
+                    self._encode_all(static_in, flip)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                outputs = self._encode_all(static_in, flip)
+            if self._graph_pool is None:
+                self._graph_pool = graph.pool()
+            entry = (graph, static_in, outputs)
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: run this shape eagerly
+            log.warning("CUDA graph capture failed for batch shape %s (flip=%s), encoding it eagerly: %s",
+                        shape, flip, exc)
+            torch.cuda.synchronize(self.device)
+        self._graphs[key] = entry
+        return entry
 
     def _launch_cuda(self, pixels: np.ndarray, flip: bool) -> _PendingPosterior:
         import torch
@@ -546,9 +595,13 @@ class _DeviceEncoder:
         compute.wait_event(uploaded)
         # x was allocated on the copy stream; tell the caching allocator the compute stream uses it.
         x.record_stream(compute)
-        outputs = list(self._encode(x))
-        if flip:
-            outputs += self._encode(x.flip(2))
+        graph = self._graph(slot, tuple(pixels.shape), flip) if self.cuda_graphs else None
+        if graph is None:
+            outputs = self._encode_all(x, flip)
+        else:
+            g, static_in, outputs = graph
+            static_in.copy_(x)  # device to device, on the compute stream: ordered before the replay
+            g.replay()
         host = []
         for i, t in enumerate(outputs):
             key = (i, tuple(t.shape))

@@ -203,6 +203,24 @@ def test_presets():
         64, (1, 1, 2, 2, 4), (16,), 128, 16)
     tiny = get_preset("tiny")
     assert (tiny.ch, tiny.ch_mult, tiny.num_res_blocks, tiny.z_channels, tiny.downsample_factor) == (32, (1, 2, 2, 4), 1, 8, 8)
+    assert tiny.norm_num_groups == 8 and all(get_preset(n).norm_num_groups == 32 for n in ("sd", "sdxl", "flux"))
+
+
+def test_norm_num_groups_reaches_every_norm_and_is_validated():
+    ae = AutoencoderKL(SMALL.replace(norm_num_groups=8))
+    norms = [m for m in ae.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and {m.num_groups for m in norms} == {8}
+    # The group count changes the function, not the parameters: same tensors, different outputs.
+    other = AutoencoderKL(SMALL)
+    other.load_state_dict(ae.state_dict())
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert not torch.allclose(ae.encode(x).mean, other.encode(x).mean)
+    assert SMALL.same_architecture(SMALL.replace(norm_num_groups=8))  # no tensor tells them apart
+    with pytest.raises(ConfigError, match="norm_num_groups"):
+        SMALL.replace(norm_num_groups=64)  # 32 channels cannot form 64 groups
+    with pytest.raises(ConfigError, match="norm_num_groups"):
+        SMALL.replace(norm_num_groups=0)
 
 
 def test_from_preset_random_warns(caplog):

@@ -21,6 +21,8 @@ SHAPES = {
     "attn-levels": dict(latent_channels=4,
                         down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D", "AttnDownEncoderBlock2D"),
                         up_block_types=("AttnUpDecoderBlock2D", "AttnUpDecoderBlock2D", "UpDecoderBlock2D")),
+    # Fewer GroupNorm groups (the tiny preset's 8): the group count changes the math but no tensor shape.
+    "norm-groups-8": dict(latent_channels=8, norm_num_groups=8),
 }
 
 
@@ -44,6 +46,8 @@ def test_parity_with_diffusers(tmp_path, kind):
     assert ours.latent_channels == ref.config.latent_channels
     assert ours.scaling_factor == ref.config.scaling_factor
     assert ours.shift_factor == (ref.config.shift_factor or 0.0)
+    assert ours.config.norm_num_groups == ref.config.norm_num_groups
+    assert {m.num_groups for m in ours.modules() if isinstance(m, torch.nn.GroupNorm)} == {ref.config.norm_num_groups}
     torch.manual_seed(1)
     x = torch.rand(2, 3, 32, 48) * 2 - 1
     with torch.no_grad():
@@ -55,8 +59,9 @@ def test_parity_with_diffusers(tmp_path, kind):
         assert (ours.decode(z) - ref.decode(z).sample).abs().max().item() <= TOL
 
 
-def test_diffusers_loads_our_export(tmp_path):
-    ref = _reference("attn-levels")
+@pytest.mark.parametrize("kind", ["attn-levels", "norm-groups-8"])
+def test_diffusers_loads_our_export(tmp_path, kind):
+    ref = _reference(kind)
     ref.save_pretrained(tmp_path / "a")
     ours = AutoencoderKL.from_pretrained(tmp_path / "a")
     ours.save_pretrained(tmp_path / "b")

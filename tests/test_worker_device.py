@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.worker import _DeviceEncoder
@@ -30,3 +31,33 @@ def test_launch_matches_the_encoder_and_its_mirror_image():
     mean2, _, none_mean, none_logvar = second.get()
     assert none_mean is None and none_logvar is None
     np.testing.assert_array_equal(mean2, direct2.mean.numpy())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_replay_matches_eager_launches():
+    from latentae import AutoencoderKL
+
+    model = AutoencoderKL.from_preset("tiny").prepare(device="cuda")
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(4, 64, 64, 3), (2, 64, 96, 3)] * 3]
+    eager = _DeviceEncoder(model, torch.device("cuda"), cuda_graphs=False)
+    graphs = _DeviceEncoder(model, torch.device("cuda"), cuda_graphs=True)
+    # Two batches in flight at a time, shapes and flips interleaved, as the worker launches them.
+    pending = []
+    for i, pixels in enumerate(batches):
+        flip = i % 3 == 0
+        pending.append((eager.launch(pixels, flip=flip), graphs.launch(pixels, flip=flip), flip))
+        if len(pending) == 2:
+            want, got, f = pending.pop(0)
+            _assert_same(want.get(), got.get(), f)
+    for want, got, f in pending:
+        _assert_same(want.get(), got.get(), f)
+    assert graphs._graphs and all(entry is not None for entry in graphs._graphs.values())
+
+
+def _assert_same(want, got, flip):
+    for w, g in zip(want, got):
+        if w is None:
+            assert g is None and not flip
+        else:
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)

@@ -57,10 +57,6 @@ class LatentStatistics:
         return None if total is None else cls(total, shards)
 
     @property
-    def channels(self) -> int:
-        return self.stats.channels
-
-    @property
     def nonfinite(self) -> int:
         """NaN plus Inf values over the whole dataset."""
         return int(self.stats.nan.sum() + self.stats.inf.sum())
