@@ -73,10 +73,28 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file: 0o666 less the process umask."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+# Read once at import, before any writer thread runs (changing the umask is process-wide).
+_FILE_MODE = _file_mode()
+
+
 def _local_temp(path: str) -> tuple[int, str]:
+    """A temp file beside `path`, with the mode a file created in place would have.
+
+    mkstemp creates 0600 files; published shards and reports must follow the umask like any
+    other file the user writes (readable by the group that reads the dataset).
+    """
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    return tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.fchmod(fd, _FILE_MODE)
+    return fd, tmp
 
 
 def put_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -120,6 +138,7 @@ def put_file(
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             if move:
                 try:
+                    os.chmod(local_path, _FILE_MODE)
                     os.replace(local_path, path)
                     _fsync_dir(os.path.dirname(path))
                     return

@@ -97,3 +97,20 @@ def test_shard_names():
     assert layout.commit_url("s3://o/", "n") == "s3://o/_commits/n.json"
     assert layout.errors_url("/o", "n") == "/o/errors/n.parquet"
     assert layout.qa_sample_url("/o", "n") == "/o/qa/samples/n.parquet"
+
+
+def test_local_objects_follow_the_umask(tmp_path):
+    # Published files get the mode a plain open() would give them, not mkstemp's 0600.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    want = 0o666 & ~mask
+    storage.put_bytes(str(tmp_path / "a.json"), b"{}")
+    fd, local = __import__("tempfile").mkstemp(dir=tmp_path)
+    os.close(fd)
+    storage.put_file(local, str(tmp_path / "out" / "b.parquet"), move=True)
+    copied = tmp_path / "c.bin"
+    copied.write_bytes(b"x")
+    os.chmod(copied, 0o600)
+    storage.put_file(copied, str(tmp_path / "out" / "c.bin"))
+    for name in ("a.json", "out/b.parquet", "out/c.bin"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == want, name
