@@ -145,10 +145,10 @@ def worker_e2e(worker, shards: list[str], out_root: str) -> int:
     fs, path = filesystem(out_root)
     if fs.exists(path):
         fs.rm(path, recursive=True)
-    n = 0
-    for url in shards:
-        n += worker.process_shard(url, Path(url).stem, num_shards=len(shards)).rows
-    return n
+    # As an actor runs them: `worker.concurrency` shards at a time (2 on CUDA, 1 on CPU by default).
+    with ThreadPoolExecutor(worker.concurrency) as pool:
+        results = pool.map(lambda url: worker.process_shard(url, Path(url).stem, num_shards=len(shards)), shards)
+        return sum(r.rows for r in results)
 
 
 _JOB = r'''
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     print(table(
         f"Pipeline efficiency: {args.preset} @ {args.resolution}px, {args.dtype}, batch {args.batch}, "
         f"{args.device}, {args.cpus:g} CPUs (encoder threads {encoder_threads}, decode threads "
-        f"{worker.decode_threads}, CUDA graphs {worker._encoder.cuda_graphs}), JPEG side {source}, {total} images x {args.repeats} repeats",
+        f"{worker.decode_threads}, CUDA graphs {worker._encoder.cuda_graphs}, shards at a time {worker.concurrency}), JPEG side {source}, {total} images x {args.repeats} repeats",
         ["stage", "images/s (median)", "range"], rows))
     concurrent_limit = min(med["decode, concurrent"], med["encode, concurrent"])
     ratios = {

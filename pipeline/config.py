@@ -139,11 +139,18 @@ class RayConfig:
     batch_size: int = 16
     #: Attempts per shard before it is recorded as failed.
     max_attempts: int = 3
-    #: Shards handed to one actor at a time. 1 keeps a slow shard from holding a queued one;
-    #: 2 hides the driver round trip between shards when shards take only seconds.
-    max_in_flight_per_worker: int = 1
+    #: Shards one actor encodes at the same time; unset: 2 on GPU actors (the next shard's reading
+    #: and decoding overlap the last batches and the commit of the previous one), 1 on CPU actors
+    #: (where two shards would only split the same cores).
+    max_in_flight_per_worker: int | None = None
     #: Decode threads per actor; unset: max(1, num_cpus_per_worker).
     decode_threads: int | None = None
+
+    def shards_in_flight(self, *, gpu: bool) -> int:
+        """`max_in_flight_per_worker`, or its default for an actor with (or without) a GPU."""
+        if self.max_in_flight_per_worker is not None:
+            return self.max_in_flight_per_worker
+        return 2 if gpu else 1
 
 
 @dataclass
@@ -481,7 +488,7 @@ def _check_semantics(c: JobConfig) -> None:
         raise ConfigError("ray.num_cpus_per_worker", f"must be >= 0, got {r.num_cpus_per_worker}")
     _positive(r.batch_size, "ray.batch_size")
     _positive(r.max_attempts, "ray.max_attempts")
-    _positive(r.max_in_flight_per_worker, "ray.max_in_flight_per_worker")
+    _positive(r.max_in_flight_per_worker, "ray.max_in_flight_per_worker", allow_none=True)
     _positive(r.decode_threads, "ray.decode_threads", allow_none=True)
 
     q = c.qa

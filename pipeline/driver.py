@@ -3,7 +3,7 @@
 The driver never touches image bytes. It expands the inputs, starts one `EncodeActor` per
 worker (each holds an `EncodeWorker`: one encoder on one device), checks or writes the output
 manifest, and hands shards to free actors, at most `ray.max_in_flight_per_worker` at a time
-per actor, so a slow shard holds up only its own actor. When an actor process dies, Ray
+per actor (encoded concurrently), so a slow shard holds up only its own actor. When an actor process dies, Ray
 restarts it and its shards go back to the queue; a shard that fails `ray.max_attempts` times is
 recorded as failed with its last error and the others go on. Progress is shown as a bar on a
 terminal or as log lines, Ray metrics count images, bad samples and shards, and the run ends
@@ -150,9 +150,9 @@ class EncodeActor:
         return result
 
     @ray.method(concurrency_group="status")
-    def progress(self) -> tuple[str | None, int]:
-        """(shard being encoded, images of it encoded so far); answers while a shard runs."""
-        return self.worker.current_shard, self.worker.shard_images
+    def progress(self) -> dict[str, int]:
+        """Shards being encoded -> images of each encoded so far; answers while shards run."""
+        return dict(self.worker.running)
 
 
 def worker_resources(config: JobConfig) -> tuple[int, float, float]:
@@ -234,6 +234,7 @@ class _Driver:
         self.progress = Progress(stream)
         self.state = ProgressState(shards_total=0)
         self.slots: list[_Slot] = []
+        self.shards_per_actor = 1
         self.in_flight: dict[Any, tuple[ShardTask, _Slot]] = {}
         self.partial: dict[int, int] = {}
         self._progress_refs: dict[Any, _Slot] = {}
@@ -256,7 +257,10 @@ class _Driver:
 
     def _start_actors(self, count: int, gpus: float, cpus: float) -> None:
         device = "cuda" if gpus > 0 else "cpu"
-        options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": -1, "max_task_retries": 0}
+        # An actor runs its in-flight shards concurrently (threads sharing its decode pool and device).
+        self.shards_per_actor = self.config.ray.shards_in_flight(gpu=gpus > 0)
+        options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": -1, "max_task_retries": 0,
+                                   "max_concurrency": self.shards_per_actor}
         env = _fault_env()
         if env:
             options["runtime_env"] = {"env_vars": env}
@@ -377,7 +381,7 @@ class _Driver:
         self.progress.close(self.state)
 
     def _fill(self, pending: deque[ShardTask], num_shards: int) -> None:
-        limit = self.config.ray.max_in_flight_per_worker
+        limit = self.shards_per_actor
         # One shard per free slot per round, so work spreads over actors before any gets a second.
         while pending:
             free = [sl for sl in self.slots if sl.state == "ready" and sl.in_flight < limit]
@@ -470,12 +474,12 @@ class _Driver:
             for ref in done:
                 slot = self._progress_refs.pop(ref)
                 try:
-                    shard, images = ray.get(ref)
+                    answer: dict[str, int] = ray.get(ref)
                 except RayError:
-                    shard, images = None, 0
+                    answer = {}
                 # A late answer about a shard that has finished meanwhile is already in s.images.
                 running = {task.name for task, sl in self.in_flight.values() if sl is slot}
-                self.partial[slot.index] = images if shard in running else 0
+                self.partial[slot.index] = sum(n for shard, n in answer.items() if shard in running)
         now = time.monotonic()
         if now - self._last_poll < 1.0:
             return

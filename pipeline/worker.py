@@ -250,9 +250,15 @@ class EncodeWorker:
             compile=config.model.compile,
         )
         self.manifest = build_manifest(config, self.model)
+        # Shards this worker may encode at the same time (one lane of device buffers each).
+        self.concurrency = config.ray.shards_in_flight(gpu=self.device.type == "cuda")
         self._encoder = _DeviceEncoder(
             self.model, self.device, cuda_graphs=config.model.cuda_graphs and not config.model.compile,
+            lanes=self.concurrency,
         )
+        self._lanes: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for lane in range(self.concurrency):
+            self._lanes.put(lane)
         self.preprocessor = Preprocessor.from_config(config.preprocess)
         p = config.preprocess
         self.decode_options = DecodeOptions(
@@ -262,9 +268,9 @@ class EncodeWorker:
         )
         self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         self._fault = _FaultHook()
-        # Read from another thread by the actor's progress(); plain attribute writes are atomic.
-        self.shard_images = 0
-        self.current_shard: str | None = None
+        # Shards being encoded -> images written so far. Read from other threads by the actor's
+        # progress(); written under the GIL one key at a time.
+        self.running: dict[str, int] = {}
 
     def close(self) -> None:
         """Stop the decode threads."""
@@ -278,11 +284,22 @@ class EncodeWorker:
         `num_shards` is the number of shards of the whole job (it sets the per-shard QA quota).
         Bad samples become ledger rows; a shard-level problem (unreadable tar, storage or device
         failure) raises, and nothing of the shard is committed.
+
+        Up to `concurrency` shards may be processed at once, from different threads (a Ray actor
+        with several shards in flight): they share the decode pool and the device, so one shard's
+        start overlaps another's end. Each shard's output is what it would be alone.
         """
+        lane = self._lanes.get()
+        self.running[name] = 0
+        try:
+            return self._process_shard(url, name, num_shards, lane)
+        finally:
+            self.running.pop(name, None)
+            self._lanes.put(lane)
+
+    def _process_shard(self, url: str, name: str, num_shards: int, lane: int) -> ShardResult:
         start = time.monotonic()
         out = self.config.output
-        self.current_shard = name
-        self.shard_images = 0
         reader = ShardReader(
             url,
             self.config.input.storage_options,
@@ -303,7 +320,7 @@ class EncodeWorker:
                 latent_rows = self._rows(launched, url, qa)
                 sink.put(("rows", latent_rows))
                 rows += len(latent_rows)
-                self.shard_images = rows
+                self.running[name] = rows
                 self._fault.check(rows)
 
             try:
@@ -312,7 +329,7 @@ class EncodeWorker:
                 # and builds the rows of batch N-1.
                 in_flight: _Launched | None = None
                 for batch in self._batches(reader, url, reasons, sink):
-                    launched = self._launch(batch)
+                    launched = self._launch(batch, lane)
                     if in_flight is not None:
                         finish(in_flight)
                     in_flight = launched
@@ -324,7 +341,6 @@ class EncodeWorker:
                 raise
             writer.add_qa_rows(qa.rows())
             record = writer.commit()
-        self.current_shard = None
         seconds = time.monotonic() - start
         log.info("shard %s: %d rows, %d errors in %.1fs", name, record.rows, record.errors, seconds)
         return ShardResult(
@@ -393,10 +409,10 @@ class EncodeWorker:
 
     # -- encode -------------------------------------------------------------------------------
 
-    def _launch(self, batch: list[tuple[Sample, Preprocessed]]) -> _Launched:
+    def _launch(self, batch: list[tuple[Sample, Preprocessed]], lane: int = 0) -> _Launched:
         """Start encoding `batch` (asynchronously on CUDA); `_rows` collects the result."""
         pixels = np.stack([p.pixels for _, p in batch])
-        return _Launched(batch, self._encoder.launch(pixels, flip=self.config.output.flip))
+        return _Launched(batch, self._encoder.launch(pixels, flip=self.config.output.flip, lane=lane))
 
     def _rows(self, launched: _Launched, url: str, qa: _QASelector) -> list[LatentRow]:
         import torch
@@ -492,6 +508,10 @@ class _DeviceEncoder:
     (the one being encoded and the one being prepared), which `EncodeWorker` guarantees by
     collecting batch N before launching batch N+2.
 
+    Shards encoded at the same time (from different threads) each use their own `lane`: a pair of
+    slots, so the rule above holds per shard. A lock makes launches one at a time; collecting
+    (`get`) needs no lock.
+
     With `cuda_graphs`, the encoder of each (slot, batch shape, flip) is captured once as a CUDA
     graph and then replayed: one call per batch instead of hundreds of kernel launches from
     Python. That matters because the launching thread shares the GIL with the decode threads;
@@ -499,19 +519,19 @@ class _DeviceEncoder:
     after another on one stream), and a shape whose capture fails falls back to eager calls.
     """
 
-    _SLOTS = 2
-
-    def __init__(self, model: Any, device: Any, *, cuda_graphs: bool = False):
+    def __init__(self, model: Any, device: Any, *, cuda_graphs: bool = False, lanes: int = 1):
         import torch
 
         self.model = model
         self.device = device
         self.cuda = device.type == "cuda"
-        self._slot = 0
+        slots = 2 * max(1, lanes)
+        self._next = [0] * max(1, lanes)  # per lane: which of its two slots the next batch uses
+        self._lock = threading.Lock()
         # Per slot: pinned host input by (shape, flip), its upload-done event, pinned outputs by shape.
-        self._staging: list[dict[tuple, Any]] = [{} for _ in range(self._SLOTS)]
-        self._uploaded: list[Any] = [None] * self._SLOTS
-        self._outputs: list[dict[tuple, Any]] = [{} for _ in range(self._SLOTS)]
+        self._staging: list[dict[tuple, Any]] = [{} for _ in range(slots)]
+        self._uploaded: list[Any] = [None] * slots
+        self._outputs: list[dict[tuple, Any]] = [{} for _ in range(slots)]
         self.cuda_graphs = bool(cuda_graphs) and self.cuda
         # (slot, shape, flip) -> (graph, static uint8 input, static outputs), or None after a failed capture.
         self._graphs: dict[tuple, Any] = {}
@@ -519,8 +539,8 @@ class _DeviceEncoder:
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(device=device)
 
-    def launch(self, pixels: np.ndarray, *, flip: bool) -> _PendingPosterior:
-        """Start encoding uint8 [B, H, W, 3] (and its mirror image when `flip`)."""
+    def launch(self, pixels: np.ndarray, *, flip: bool, lane: int = 0) -> _PendingPosterior:
+        """Start encoding uint8 [B, H, W, 3] (and its mirror image when `flip`) in `lane`."""
         import torch
 
         with torch.inference_mode():
@@ -529,7 +549,10 @@ class _DeviceEncoder:
                 if flip:
                     host += self._encode(torch.from_numpy(np.ascontiguousarray(pixels[:, :, ::-1])))
                 return _PendingPosterior(host)
-            return self._launch_cuda(pixels, flip)
+            with self._lock:
+                slot = 2 * lane + self._next[lane]
+                self._next[lane] ^= 1
+                return self._launch_cuda(pixels, flip, slot)
 
     def _encode(self, x: Any) -> tuple[Any, Any]:
         # x: uint8 NHWC on the device -> float32 mean, logvar (on the device).
@@ -562,7 +585,8 @@ class _DeviceEncoder:
             torch.cuda.current_stream(self.device).wait_stream(side)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
+            # thread_local: another shard's thread may wait on its events while this one captures.
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 outputs = self._encode_all(static_in, flip)
             if self._graph_pool is None:
                 self._graph_pool = graph.pool()
@@ -574,11 +598,9 @@ class _DeviceEncoder:
         self._graphs[key] = entry
         return entry
 
-    def _launch_cuda(self, pixels: np.ndarray, flip: bool) -> _PendingPosterior:
+    def _launch_cuda(self, pixels: np.ndarray, flip: bool, slot: int) -> _PendingPosterior:
         import torch
 
-        slot = self._slot
-        self._slot = (slot + 1) % self._SLOTS
         staging = self._staging[slot].get(pixels.shape)
         if staging is None:
             staging = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)

@@ -168,3 +168,25 @@ def test_sizes_must_fit_the_model(tmp_path, tiny_model):
     with pytest.raises(ConfigError, match=r"preprocess\.resolution: 60x60 is not divisible .* factor 8"):
         EncodeWorker(cfg, device="cpu", model=tiny_model)
     assert math.ceil(64 / 3) == qa_per_shard(64, 3) and qa_per_shard(0, 3) == 0
+
+
+def test_concurrent_shards_match_one_at_a_time(sample_shards, tmp_path, tiny_model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    urls = [str(p) for p in sample_shards]
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    one = EncodeWorker(_config(urls, alone, output={"flip": True}), device="cpu", model=tiny_model)
+    assert one.concurrency == 1  # the CPU default
+    for i, url in enumerate(urls):
+        one.process_shard(url, f"{i:05d}", num_shards=3)
+    two = EncodeWorker(_config(urls, together, output={"flip": True}, ray={"max_in_flight_per_worker": 2}),
+                       device="cpu", model=tiny_model)
+    assert two.concurrency == 2
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda a: two.process_shard(a[1], f"{a[0]:05d}", num_shards=3), enumerate(urls)))
+    assert [r.rows for r in results] == [4, 4, 4] and two.running == {}
+    for sub in ("shards", "qa/samples"):
+        files = sorted(p.relative_to(alone) for p in (alone / sub).iterdir())
+        assert files and files == sorted(p.relative_to(together) for p in (together / sub).iterdir())
+        for f in files:
+            assert (alone / f).read_bytes() == (together / f).read_bytes(), f
