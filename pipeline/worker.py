@@ -22,9 +22,7 @@ import logging
 import math
 import os
 import queue
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -39,6 +37,7 @@ from . import storage
 from .config import ConfigError, JobConfig
 from .decode import DecodeError, DecodeOptions, decode_image
 from .manifest import Manifest
+from .models import load_model
 from .preprocess import Preprocessed, PreprocessError, Preprocessor
 from .reader import Sample, SampleError, ShardReader
 from .writer import ErrorRow, LatentRow, QARow, ShardWriter
@@ -141,37 +140,6 @@ class _FaultHook:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _load_model(config: JobConfig) -> Any:
-    from latentae import AutoencoderKL
-
-    m = config.model
-    weights = _local_weights(m.weights) if m.weights else None
-    if m.preset:
-        return AutoencoderKL.from_preset(m.preset, weights=weights)
-    return AutoencoderKL.from_pretrained(weights)
-
-
-def _local_weights(url: str) -> str:
-    """Weights on remote storage are downloaded once per machine (credentials from the environment)."""
-    fs, path = storage.filesystem(url)
-    if storage.is_local(fs):
-        return path
-    cache = os.path.join(tempfile.gettempdir(), "latent-weights", hashlib.sha1(url.encode()).hexdigest()[:16])
-    target = os.path.join(cache, os.path.basename(path.rstrip("/")))
-    if not os.path.exists(target):
-        os.makedirs(cache, exist_ok=True)
-        # Several actors of one machine may download at once: each into its own partial path.
-        partial = f"{target}.{os.getpid()}.partial"
-        fs.get(path, partial, recursive=fs.isdir(path))
-        try:
-            os.replace(partial, target)
-        except OSError:
-            if not os.path.exists(target):
-                raise
-            shutil.rmtree(partial, ignore_errors=True)  # another actor finished first
-    return target
-
-
 def check_sizes(config: JobConfig, factor: int) -> None:
     """Every target size must be divisible by the model's downsampling factor."""
     p = config.preprocess
@@ -241,7 +209,7 @@ class EncodeWorker:
             # On CPU the encoder gets the actor's CPUs; on a GPU it only launches kernels.
             torch.set_num_threads(cpus if self.device.type == "cpu" else min(2, cpus))
         self.decode_threads = config.ray.decode_threads or cpus
-        self.model = model if model is not None else _load_model(config)
+        self.model = model if model is not None else load_model(config.model)
         check_sizes(config, int(self.model.downsample_factor))
         self.model.prepare(
             device=str(self.device),

@@ -9,10 +9,7 @@ reconstruction against the preprocessed original.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import storage
 from pipeline.config import ModelConfig
+from pipeline.models import load_model
 from pipeline.qa import metrics as qm
 from pipeline.qa.readback import PairedSample, StoredLatentReader
 
@@ -79,31 +76,6 @@ def _finite(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def _local_weights(url: str) -> str:
-    """A local path for `url`: remote weights are copied once per machine (credentials from the environment)."""
-    fs, path = storage.filesystem(url)
-    if storage.is_local(fs):
-        return path
-    cache = os.path.join(tempfile.gettempdir(), "latent-weights", hashlib.sha1(url.encode()).hexdigest()[:16])
-    target = os.path.join(cache, os.path.basename(path.rstrip("/")))
-    if not os.path.exists(target):
-        os.makedirs(cache, exist_ok=True)
-        partial = f"{target}.partial-{os.getpid()}"
-        fs.get(path, partial, recursive=fs.isdir(path))
-        os.replace(partial, target)
-    return target
-
-
-def load_decoder_model(model: ModelConfig):
-    """The autoencoder named by the job's `model` section (preset and/or weights, local or any fsspec URL)."""
-    from latentae import AutoencoderKL
-
-    weights = _local_weights(model.weights) if model.weights else None
-    if model.preset:
-        return AutoencoderKL.from_preset(model.preset, weights=weights)
-    return AutoencoderKL.from_pretrained(weights)
-
-
 class ReconstructionDecoder:
     """Decodes QA samples with the configured autoencoder and scores the reconstructions."""
 
@@ -128,7 +100,7 @@ class ReconstructionDecoder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.compute_dtype = model.dtype
         # Not compiled: QA decodes a few batches, compilation would cost more than it saves.
-        self.model = load_decoder_model(model).prepare(device=str(self.device), dtype=model.dtype,
+        self.model = load_model(model).prepare(device=str(self.device), dtype=model.dtype,
                                                        channels_last=model.channels_last)
         self.lpips = None
         if lpips_weights:

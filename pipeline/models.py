@@ -1,0 +1,48 @@
+"""Loading the autoencoder a job's `model` section names (shared by the encode workers and QA)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from . import storage
+from .config import ModelConfig
+
+__all__ = ["load_model", "local_weights"]
+
+
+def load_model(model: ModelConfig) -> Any:
+    """The `latentae.AutoencoderKL` of `model`: a preset, its weights, or a checkpoint (local or any fsspec URL)."""
+    from latentae import AutoencoderKL
+
+    weights = local_weights(model.weights) if model.weights else None
+    if model.preset:
+        return AutoencoderKL.from_preset(model.preset, weights=weights)
+    return AutoencoderKL.from_pretrained(weights)
+
+
+def local_weights(url: str) -> str:
+    """A local path for `url`: weights on remote storage are copied once per machine.
+
+    Credentials come from the environment. Several processes of one machine may download at once:
+    each into its own partial path, and the first rename wins.
+    """
+    fs, path = storage.filesystem(url)
+    if storage.is_local(fs):
+        return path
+    cache = os.path.join(tempfile.gettempdir(), "latent-weights", hashlib.sha1(url.encode()).hexdigest()[:16])
+    target = os.path.join(cache, os.path.basename(path.rstrip("/")))
+    if not os.path.exists(target):
+        os.makedirs(cache, exist_ok=True)
+        partial = f"{target}.{os.getpid()}.partial"
+        fs.get(path, partial, recursive=fs.isdir(path))
+        try:
+            os.replace(partial, target)
+        except OSError:
+            if not os.path.exists(target):
+                raise
+            shutil.rmtree(partial, ignore_errors=True)  # another process finished first
+    return target
