@@ -41,12 +41,12 @@ def test_cuda_graph_replay_matches_eager_launches():
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(4, 64, 64, 3), (2, 64, 96, 3)] * 3]
     eager = _DeviceEncoder(model, torch.device("cuda"), cuda_graphs=False)
-    graphs = _DeviceEncoder(model, torch.device("cuda"), cuda_graphs=True)
-    # Two batches in flight at a time, shapes and flips interleaved, as the worker launches them.
+    graphs = _DeviceEncoder(model, torch.device("cuda"), cuda_graphs=True, lanes=2)
+    # Two batches in flight at a time, shapes, flips and lanes (concurrent shards) interleaved.
     pending = []
     for i, pixels in enumerate(batches):
         flip = i % 3 == 0
-        pending.append((eager.launch(pixels, flip=flip), graphs.launch(pixels, flip=flip), flip))
+        pending.append((eager.launch(pixels, flip=flip), graphs.launch(pixels, flip=flip, lane=i % 2), flip))
         if len(pending) == 2:
             want, got, f = pending.pop(0)
             _assert_same(want.get(), got.get(), f)
