@@ -411,31 +411,34 @@ def save_weights(ae: AutoencoderKL, out_dir: str | Path, name: str, training: di
     return weights, config
 
 
+# TrainConfig fields that are command-line options (--steps, --batch-size, ...), with their help texts.
+_CLI_FIELDS = (
+    "preset", "steps", "batch_size", "crop_sizes", "lr", "warmup_steps", "weight_decay", "l1_weight", "mse_weight",
+    "kl_weight", "mean_weight", "chroma_weight", "chroma_steps", "ema_decay", "init_logvar", "seed", "threads",
+    "device", "eval_every", "images",
+)
+_CLI_HELP = {
+    "preset": "architecture to train (default: %(default)s)",
+    "batch_size": "images per step at 64 px",
+    "threads": "torch CPU threads (default: %(default)s)",
+    "device": "torch device to train on (default: %(default)s)",
+    "images": "train on this folder of images instead of the sample photos",
+}
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m latentae.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="latentae/weights", help="folder for NAME.safetensors and NAME.json")
     p.add_argument("--name", default=None, help="file name stem (default: the preset name)")
-    p.add_argument("--preset", default=d.preset, help="architecture to train (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step at 64 px")
-    p.add_argument("--crop-sizes", type=int, nargs="+", default=list(d.crop_sizes))
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--l1-weight", type=float, default=d.l1_weight)
-    p.add_argument("--mse-weight", type=float, default=d.mse_weight)
-    p.add_argument("--kl-weight", type=float, default=d.kl_weight)
-    p.add_argument("--mean-weight", type=float, default=d.mean_weight)
-    p.add_argument("--chroma-weight", type=float, default=d.chroma_weight)
-    p.add_argument("--chroma-steps", type=int, default=d.chroma_steps)
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    p.add_argument("--init-logvar", type=float, default=d.init_logvar)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: %(default)s)")
-    p.add_argument("--device", default=d.device, help="torch device to train on (default: %(default)s)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--images", default=None, help="train on this folder of images instead of the sample photos")
+    for name in _CLI_FIELDS:
+        default = getattr(d, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, tuple):
+            p.add_argument(flag, type=type(default[0]), nargs="+", default=list(default), help=_CLI_HELP.get(name))
+        else:
+            kind = str if default is None else type(default)
+            p.add_argument(flag, type=kind, default=default, help=_CLI_HELP.get(name))
     p.add_argument("--z-channels", type=int, default=None, help="override the preset's latent channels")
     p.add_argument("--ch", type=int, default=None, help="override the preset's base width")
     p.add_argument("--ch-mult", type=int, nargs="+", default=None, help="override the preset's level widths")
@@ -447,15 +450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     args = _parse_args(argv)
-    cfg = TrainConfig(
-        preset=args.preset, steps=args.steps, batch_size=args.batch_size, crop_sizes=tuple(args.crop_sizes),
-        lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, l1_weight=args.l1_weight,
-        mse_weight=args.mse_weight, kl_weight=args.kl_weight, mean_weight=args.mean_weight,
-        chroma_weight=args.chroma_weight,
-        chroma_steps=args.chroma_steps, ema_decay=args.ema_decay,
-        init_logvar=args.init_logvar, seed=args.seed, threads=args.threads, device=args.device,
-        eval_every=args.eval_every, images=args.images,
-    )
+    values = {name: getattr(args, name) for name in _CLI_FIELDS}
+    values["crop_sizes"] = tuple(values["crop_sizes"])
+    cfg = TrainConfig(**values)
     overrides = {"z_channels": args.z_channels, "embed_dim": args.z_channels, "ch": args.ch,
                  "ch_mult": tuple(args.ch_mult) if args.ch_mult else None, "attn_type": args.attn_type}
     model_config = get_preset(cfg.preset).replace(**{k: v for k, v in overrides.items() if v is not None})
