@@ -513,10 +513,7 @@ class _DeviceEncoder:
 
         with torch.inference_mode():
             if not self.cuda:
-                host = list(self._encode(torch.from_numpy(pixels)))
-                if flip:
-                    host += self._encode(torch.from_numpy(np.ascontiguousarray(pixels[:, :, ::-1])))
-                return _PendingPosterior(host)
+                return _PendingPosterior(self._encode_all(torch.from_numpy(pixels), flip))
             with self._lock:
                 slot = 2 * lane + self._next[lane]
                 self._next[lane] ^= 1
