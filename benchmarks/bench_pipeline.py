@@ -24,6 +24,9 @@ torch threads and the decode pool D threads in every row (E + D = the CPUs: "GPU
 stages on disjoint hardware, the case the 0.90 target is about). Without a split the reachable
 rate is the serial combination 1 / (1/decode + 1/encode); that ratio is printed too. The job row
 always uses the worker's own thread rule (torch threads = decode threads = CPUs).
+
+`--decode-mode threads,processes` measures the decode and worker rows once per decode mode, side
+by side in the same run (`ray.decode_mode`); `--shards-at-once N` sets `ray.max_in_flight_per_worker`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,7 +48,7 @@ import numpy as np
 from benchmarks.common import make_bench_shards, median, table
 
 
-def build_config(args, shards: list[str], out: str):
+def build_config(args, shards: list[str], out: str, decode_mode: str = "auto"):
     from pipeline.config import config_from_dict
 
     return config_from_dict({
@@ -54,24 +58,54 @@ def build_config(args, shards: list[str], out: str):
                   "compile": args.compile, "cuda_graphs": not args.no_cuda_graphs},
         "preprocess": {"resolution": args.resolution},
         "ray": {"workers": 1, "num_gpus_per_worker": 1 if args.device.startswith("cuda") else 0,
-                "num_cpus_per_worker": args.cpus, "batch_size": args.batch, "decode_threads": args.decode_threads},
+                "num_cpus_per_worker": args.cpus, "batch_size": args.batch, "decode_threads": args.decode_threads,
+                "decode_mode": decode_mode, "max_in_flight_per_worker": args.shards_at_once},
         "qa": {"samples": 8},
     })
 
 
-def decode_only(worker, shards: list[str]) -> int:
-    """Read + decode + preprocess every sample with the worker's own pieces and thread count."""
+def decode_shard(worker, url: str, stop=None) -> int:
+    """Read + decode + preprocess one shard with the worker's own reader and decode pool (its
+    threads or processes, its chunking, a window as deep as the worker's); the prepared count."""
+    from pipeline.decodepool import DecodeFailure
     from pipeline.reader import Sample, ShardReader
 
     cfg = worker.config
-    n = 0
-    with ThreadPoolExecutor(worker.decode_threads) as pool:
-        for url in shards:
-            reader = ShardReader(url, cfg.input.storage_options, image_exts=cfg.input.image_exts,
-                                 caption_key=cfg.input.caption_key)
-            futures = [pool.submit(worker._prepare, s) for s in reader if isinstance(s, Sample)]
-            n += sum(1 for f in futures if not hasattr(f.result(), "stage"))
+    pool = worker._decoder
+    depth = worker.decode_threads * max(4, 2 * pool.chunk)
+    window: deque = deque()
+    queued = n = 0
+    chunk: list = []
+
+    def collect() -> int:
+        items, future = window.popleft()
+        return sum(1 for r in pool.result(future, items) if not isinstance(r, DecodeFailure))
+
+    reader = ShardReader(url, cfg.input.storage_options, image_exts=cfg.input.image_exts,
+                         caption_key=cfg.input.caption_key)
+    for s in reader:
+        if stop is not None and stop.is_set():
+            break
+        if isinstance(s, Sample):
+            chunk.append((s.key, s.image))
+        if len(chunk) >= pool.chunk:
+            window.append((chunk, pool.submit(chunk)))
+            queued += len(chunk)
+            chunk = []
+        while queued >= depth:
+            queued -= len(window[0][0])
+            n += collect()
+    if chunk:
+        window.append((chunk, pool.submit(chunk)))
+    while window:
+        done = collect()
+        n += 0 if stop is not None and stop.is_set() else done
     return n
+
+
+def decode_only(worker, shards: list[str]) -> int:
+    """Read + decode + preprocess every sample, as the worker does, without the encoder."""
+    return sum(decode_shard(worker, url) for url in shards)
 
 
 def encode_only(worker, batches: list[np.ndarray]) -> int:
@@ -96,29 +130,15 @@ def concurrent_limits(worker, shards: list[str], batches: list[np.ndarray], seco
     """
     import threading
 
-    from pipeline.reader import Sample, ShardReader
-
     stop = threading.Event()
     counts = {"decode": 0, "encode": 0}
 
     def decode_loop() -> None:
-        cfg = worker.config
-        with ThreadPoolExecutor(worker.decode_threads) as pool:
-            while not stop.is_set():
-                for url in shards:
-                    reader = ShardReader(url, cfg.input.storage_options, image_exts=cfg.input.image_exts)
-                    window: list = []
-                    for s in reader:
-                        if stop.is_set():
-                            break
-                        if isinstance(s, Sample):
-                            window.append(pool.submit(worker._prepare, s))
-                        if len(window) >= 4 * worker.decode_threads:
-                            window.pop(0).result()
-                            counts["decode"] += 1
-                    for f in window:
-                        f.result()
-                        counts["decode"] += 0 if stop.is_set() else 1
+        while not stop.is_set():
+            for url in shards:
+                counts["decode"] += decode_shard(worker, url, stop)
+                if stop.is_set():
+                    return
 
     def encode_loop() -> None:
         while not stop.is_set():
@@ -167,7 +187,7 @@ print(json.dumps({"images": summary.images, "seconds": time.perf_counter() - t0}
 '''
 
 
-def job_e2e(args, shards: list[str], workdir: Path) -> float:
+def job_e2e(args, shards: list[str], workdir: Path, decode_mode: str = "auto") -> float:
     """images/s of the encode job (one worker, local Ray), timed from after `ray.init`."""
     cfg = workdir / "bench.yaml"
     out = workdir / "job-out"
@@ -181,7 +201,8 @@ def job_e2e(args, shards: list[str], workdir: Path) -> float:
         "model": {"preset": args.preset, "dtype": args.dtype, "channels_last": args.channels_last},
         "preprocess": {"resolution": args.resolution},
         "ray": {"workers": 1, "num_gpus_per_worker": gpus,
-                "num_cpus_per_worker": args.cpus, "batch_size": args.batch},
+                "num_cpus_per_worker": args.cpus, "batch_size": args.batch, "decode_threads": args.decode_threads,
+                "decode_mode": decode_mode, "max_in_flight_per_worker": args.shards_at_once},
         "qa": {"samples": 8},
     }))
     payload = {"config": str(cfg), "cpus": args.cpus, "gpus": gpus}
@@ -206,7 +227,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch the encoder eagerly on CUDA")
     p.add_argument("--device", default="cpu")
     p.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1))
-    p.add_argument("--decode-threads", type=int, default=None, help="decode pool threads (default: the CPUs)")
+    p.add_argument("--decode-threads", type=int, default=None, help="decoders per worker (default: the CPUs)")
+    p.add_argument("--decode-mode", default="auto",
+                   help="ray.decode_mode: auto, threads or processes; a comma list (threads,processes) "
+                        "measures each side by side")
+    p.add_argument("--shards-at-once", type=int, default=None,
+                   help="ray.max_in_flight_per_worker (default: 2 on CUDA, 1 on CPU)")
     p.add_argument("--encoder-threads", type=int, default=None,
                    help="torch CPU threads of the encoder (default: the CPUs; 2 on CUDA, as a Ray actor sets)")
     p.add_argument("--repeats", type=int, default=3)
@@ -226,59 +252,81 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-pipeline-"))
     source = args.source_side or int(args.resolution * 1.25)
     shards = make_bench_shards(workdir / "shards", args.shards, args.per_shard, source)
-    config = build_config(args, shards, str(workdir / "worker-out"))
-    worker = EncodeWorker(config, device=args.device)
+    modes = [m.strip() for m in args.decode_mode.split(",") if m.strip()]
+    workers: dict[str, EncodeWorker] = {}
+    for mode in modes:
+        config = build_config(args, shards, str(workdir / "worker-out"), decode_mode=mode)
+        first = next(iter(workers.values()), None)
+        workers[mode] = EncodeWorker(config, device=args.device, model=first.model if first else None)
+    worker = next(iter(workers.values()))
 
     # Pre-decoded batches for the encoder-only limit: the same pixels the pipeline encodes.
     from pipeline.reader import Sample, ShardReader
 
     pixels = []
-    for s in ShardReader(shards[0], {}, image_exts=config.input.image_exts):
+    for s in ShardReader(shards[0], {}, image_exts=worker.config.input.image_exts):
         if isinstance(s, Sample):
             pixels.append(worker._prepare(s).pixels)
     pixels = np.stack(pixels)
     total = args.shards * args.per_shard
     batches = [pixels[np.arange(i, i + args.batch) % len(pixels)] for i in range(0, total, args.batch)]
 
-    rates: dict[str, list[float]] = {"decode": [], "encode": [], "worker": [], "decode, concurrent": [],
-                                     "encode, concurrent": []}
+    # One set of decode/worker rows per decode mode; with several modes the rows say which.
+    def label(name: str, mode: str) -> str:
+        return name if len(workers) == 1 else f"{name} [{mode}]"
+
+    variants = [("encode", lambda: encode_only(worker, batches))]
+    for mode, w in workers.items():
+        variants += [(label("decode", mode), lambda w=w: decode_only(w, shards)),
+                     (label("worker", mode), lambda w=w: worker_e2e(w, shards, str(workdir / "worker-out")))]
+    rates: dict[str, list[float]] = {name: [] for name, _ in variants}
+    for mode in workers:
+        rates[label("decode, concurrent", mode)] = []
+        rates[label("encode, concurrent", mode)] = []
     if not args.no_job:
         rates["job"] = []
     encode_only(worker, batches[:2])  # warm-up (cuDNN autotune, compile)
-    variants = [("decode", lambda: decode_only(worker, shards)),
-                ("encode", lambda: encode_only(worker, batches)),
-                ("worker", lambda: worker_e2e(worker, shards, str(workdir / "worker-out")))]
     for i in range(args.repeats):
         # Interleaved (and the order rotated) so that machine noise hits every variant alike.
-        for name, fn in variants[i % 3:] + variants[: i % 3]:
+        k = i % len(variants)
+        for name, fn in variants[k:] + variants[:k]:
             t0 = time.perf_counter()
             n = fn()
             rates[name].append(n / (time.perf_counter() - t0))
-        both = concurrent_limits(worker, shards, batches, args.concurrent_seconds)
-        rates["decode, concurrent"].append(both[0])
-        rates["encode, concurrent"].append(both[1])
+        for mode, w in workers.items():
+            both = concurrent_limits(w, shards, batches, args.concurrent_seconds)
+            rates[label("decode, concurrent", mode)].append(both[0])
+            rates[label("encode, concurrent", mode)].append(both[1])
         if not args.no_job:
-            rates["job"].append(job_e2e(args, shards, workdir))
-    worker.close()
+            rates["job"].append(job_e2e(args, shards, workdir, modes[0]))
+    for w in workers.values():
+        w.close()
 
     med = {k: median(v) for k, v in rates.items()}
-    limit = min(med["decode"], med["encode"])
-    serial = 1.0 / (1.0 / med["decode"] + 1.0 / med["encode"])
     rows = [[k, med[k], f"{min(v):.1f}-{max(v):.1f}"] for k, v in rates.items()]
     print(table(
         f"Pipeline efficiency: {args.preset} @ {args.resolution}px, {args.dtype}, batch {args.batch}, "
-        f"{args.device}, {args.cpus:g} CPUs (encoder threads {encoder_threads}, decode threads "
-        f"{worker.decode_threads}, CUDA graphs {worker._encoder.cuda_graphs}, shards at a time {worker.concurrency}), JPEG side {source}, {total} images x {args.repeats} repeats",
+        f"{args.device}, {args.cpus:g} CPUs (encoder threads {encoder_threads}, "
+        + ", ".join(f"decode {w.decode_mode} x{w.decode_threads}" for w in workers.values())
+        + f", CUDA graphs {worker._encoder.cuda_graphs}, shards at a time {worker.concurrency}), "
+        f"JPEG side {source}, {total} images x {args.repeats} repeats",
         ["stage", "images/s (median)", "range"], rows))
-    concurrent_limit = min(med["decode, concurrent"], med["encode, concurrent"])
-    ratios = {
-        "worker / min(decode, encode)": med["worker"] / limit,
-        "worker / min(decode, encode), both running at once": med["worker"] / concurrent_limit,
-        "worker / serial(decode, encode)": med["worker"] / serial,
-    }
-    if "job" in med:
-        ratios["job / min(decode, encode)"] = med["job"] / limit
-        ratios["job / serial(decode, encode)"] = med["job"] / serial
+    ratios = {}
+    for mode in workers:
+        dec, wrk = med[label("decode", mode)], med[label("worker", mode)]
+        limit = min(dec, med["encode"])
+        concurrent_limit = min(med[label("decode, concurrent", mode)], med[label("encode, concurrent", mode)])
+        serial = 1.0 / (1.0 / dec + 1.0 / med["encode"])
+        ratios[label("worker / min(decode, encode)", mode)] = wrk / limit
+        ratios[label("worker / min(decode, encode), both running at once", mode)] = wrk / concurrent_limit
+        ratios[label("worker / serial(decode, encode)", mode)] = wrk / serial
+        if "job" in med and mode == modes[0]:
+            ratios["job / min(decode, encode)"] = med["job"] / limit
+            ratios["job / serial(decode, encode)"] = med["job"] / serial
+    if len(workers) > 1:
+        base = med[label("worker", modes[0])]
+        for mode in modes[1:]:
+            ratios[f"worker [{mode}] / worker [{modes[0]}]"] = med[label("worker", mode)] / base
     print(table("Ratios", ["ratio", "value"], [[k, v] for k, v in ratios.items()]))
     if args.json:
         Path(args.json).write_text(json.dumps({"medians": med, "ratios": ratios, "args": vars(args)}, indent=2))

@@ -5,7 +5,8 @@
 #
 # Prints: encoder images/s at 256 and 512 px for the `sd` preset in bf16, ours and diffusers';
 # the fraction of the device's bf16 peak reached at 256 px; the end-to-end worker images/s
-# with its efficiency ratio against the two stage limits; peak device memory per batch size.
+# with its efficiency ratio against the two stage limits (decoding in processes and in threads);
+# peak device memory per batch size.
 # Ray is not needed: the end-to-end figure is one EncodeWorker (the unit a Ray actor wraps)
 # streaming real JPEG shards. Wheels missing on the machine may be put in .whl/ beforehand.
 set -uo pipefail
@@ -32,7 +33,9 @@ step $PY -m benchmarks.bench_encoder --preset sd --resolution 512 --batch 16 --d
   --repeats $R --json "$OUTDIR/encoder512.json"
 step $PY -m benchmarks.device_peak --preset sd --resolution 256 --batch 64 --repeats $R --json "$OUTDIR/peak256.json"
 [ "${QUICK:-0}" = 1 ] || step $PY -m benchmarks.device_peak --preset sd --resolution 256 --batch 64 --compile --json "$OUTDIR/peak256-compiled.json"
+# Decoding in threads and in processes (the default on a GPU), side by side in one run.
 step $PY -m benchmarks.bench_pipeline --preset sd --resolution 256 --device cuda --dtype bf16 \
   --batch 64 --cpus 16 --decode-threads 14 --shards 4 --per-shard $PS --repeats $PR --no-job \
+  --decode-mode processes,threads --concurrent-seconds 5 \
   --workdir /tmp/bench-pipeline --json "$OUTDIR/pipeline.json"
 step $PY -m benchmarks.bench_memory --device cuda --preset sd --resolution 256 --dtype bf16

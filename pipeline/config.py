@@ -87,6 +87,8 @@ class ModelConfig:
     preset: str | None = "tiny"
     #: Weights: a diffusers folder or a .safetensors/.ckpt file, local or any fsspec URL.
     weights: str | None = None
+    #: fsspec options for a remote `weights` URL (e.g. an S3-compatible endpoint).
+    storage_options: dict[str, Any] = field(default_factory=dict)
     #: Compute dtype on the device (autocast); the posterior is returned in fp32.
     dtype: DType = "fp32"
     channels_last: bool = False
@@ -130,6 +132,8 @@ class RayConfig:
 
     #: Ray address ("auto", "ray://host:10001", ...); unset: RAY_ADDRESS or a new local instance.
     address: str | None = None
+    #: Seconds to wait for a "host:port" address to answer before giving up.
+    connect_timeout: float = 30.0
     #: Number of encode actors; unset: one per GPU, or CPUs / num_cpus_per_worker without GPUs.
     workers: int | None = None
     #: GPUs per actor (fractions share a GPU); unset: 1 when the cluster has GPUs, else 0.
@@ -143,8 +147,12 @@ class RayConfig:
     #: and decoding overlap the last batches and the commit of the previous one), 1 on CPU actors
     #: (where two shards would only split the same cores).
     max_in_flight_per_worker: int | None = None
-    #: Decode threads per actor; unset: max(1, num_cpus_per_worker).
+    #: Decoders per actor (threads or processes, see decode_mode); unset: max(1, num_cpus_per_worker).
     decode_threads: int | None = None
+    #: Where decoding runs: "threads" of the actor's process, or "processes" of its own (no GIL
+    #: shared with the encoder's thread); "auto": processes on GPU actors with 4 or more decoders,
+    #: else threads.
+    decode_mode: Literal["auto", "threads", "processes"] = "auto"
 
     def shards_in_flight(self, *, gpu: bool) -> int:
         """`max_in_flight_per_worker`, or its default for an actor with (or without) a GPU."""
@@ -193,7 +201,7 @@ class JobConfig:
             from .storage import redact as redact_url
             from .storage import redact_options
 
-            for section in ("input", "output"):
+            for section in ("input", "output", "model"):
                 out[section]["storage_options"] = redact_options(out[section]["storage_options"])
             urls = out["input"]["urls"]
             out["input"]["urls"] = [redact_url(u) for u in urls] if isinstance(urls, list) else redact_url(urls)
@@ -480,6 +488,8 @@ def _check_semantics(c: JobConfig) -> None:
 
     r = c.ray
     _positive(r.workers, "ray.workers", allow_none=True)
+    if r.connect_timeout < 0:
+        raise ConfigError("ray.connect_timeout", f"must be >= 0, got {r.connect_timeout}")
     if r.num_gpus_per_worker is not None and r.num_gpus_per_worker < 0:
         raise ConfigError("ray.num_gpus_per_worker", f"must be >= 0, got {r.num_gpus_per_worker}")
     if r.num_gpus_per_worker is not None and r.num_gpus_per_worker > 1 and r.num_gpus_per_worker % 1:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from . import storage
 from .config import ConfigError, JobConfig
+from .decodepool import FAULT_CRASH_KEY
 from .layout import summary_url
 from .manifest import Manifest, ManifestMismatch, check_or_write_manifest
 from .plan import Plan, ShardTask, expand_urls, make_plan
@@ -121,8 +123,33 @@ def connect_ray(config: JobConfig) -> bool:
     if ray.is_initialized():
         return False
     address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        check_reachable(address, config.ray.connect_timeout)
     ray.init(address=address)
     return True
+
+
+def check_reachable(address: str, timeout: float) -> None:
+    """Fail fast when nothing listens at a "host:port" or "ray://host:port" address.
+
+    Ray itself retries an unreachable address for minutes; here a TCP connection is tried until
+    `timeout` seconds have passed, then ConnectionError names the address. "auto" and "local"
+    are left to Ray.
+    """
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    host = host.strip("[]")
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=min(5.0, max(0.5, timeout))).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"nothing answers at {address} (tried for {timeout:g} s: {e})") from None
+            time.sleep(0.5)
 
 
 @ray.remote(concurrency_groups={"status": 1})
@@ -176,7 +203,7 @@ def worker_resources(config: JobConfig) -> tuple[int, float, float]:
 
 def _fault_env() -> dict[str, str]:
     # The test-only fault hook must reach the actors also on a cluster (env of the driver only).
-    return {k: os.environ[k] for k in (FAULT_KILL_AFTER, FAULT_MARKER) if k in os.environ}
+    return {k: os.environ[k] for k in (FAULT_KILL_AFTER, FAULT_MARKER, FAULT_CRASH_KEY) if k in os.environ}
 
 
 def _error_text(e: BaseException) -> str:

@@ -5,8 +5,9 @@ Inside `process_shard` the stages overlap:
 
     main thread    read tar (prefetching cache) -> submit decode -> collect in order -> batch per
                    bucket -> encode on the device
-    decode pool    decode + preprocess (Pillow releases the GIL), `decode_threads` wide, kept
-                   `prefetch` samples ahead of the encoder
+    decode pool    decode + preprocess, `decode_threads` wide, kept `prefetch` samples ahead of
+                   the encoder: threads of this process, or processes of their own
+                   (`ray.decode_mode`, see decodepool.py)
     writer thread  storage rounding, Parquet/tar writing (local temp files)
 
 and the shard is committed (uploaded whole, commit record last) at the end. Output rows come in
@@ -27,7 +28,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,10 +36,11 @@ import numpy as np
 
 from . import storage
 from .config import ConfigError, JobConfig
-from .decode import DecodeError, DecodeOptions, decode_image
+from .decode import DecodeOptions
+from .decodepool import DecodeFailure, DecodePool, prepare, resolve_mode
 from .manifest import Manifest
 from .models import load_model
-from .preprocess import Preprocessed, PreprocessError, Preprocessor
+from .preprocess import Preprocessed, Preprocessor
 from .reader import Sample, SampleError, ShardReader
 from .writer import ErrorRow, LatentRow, QARow, ShardWriter
 
@@ -234,15 +236,17 @@ class EncodeWorker:
             max_pixels=p.max_pixels,
             min_size=p.min_size,
         )
-        self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+        self.decode_mode = resolve_mode(config.ray.decode_mode, gpu=self.device.type == "cuda", workers=self.decode_threads)
+        self._decoder = DecodePool(self.decode_threads, self.decode_mode, self.decode_options, self.preprocessor)
+        self._decoder.warm_up()
         self._fault = _FaultHook()
         # Shards being encoded -> images written so far. Read from other threads by the actor's
         # progress(); written under the GIL one key at a time.
         self.running: dict[str, int] = {}
 
     def close(self) -> None:
-        """Stop the decode threads."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the decode threads or processes."""
+        self._decoder.close()
 
     # -- one shard --------------------------------------------------------------------------
 
@@ -319,35 +323,36 @@ class EncodeWorker:
     # -- read + decode + batch ---------------------------------------------------------------
 
     def _prepare(self, sample: Sample) -> Preprocessed | ErrorRow:
-        """Runs in the decode pool."""
-        try:
-            decoded = decode_image(sample.image, self.decode_options, needed_size=self.preprocessor.resized_size)
-        except DecodeError as e:
-            return ErrorRow(sample.key, "", "decode", e.reason, str(e))
-        except Exception as e:  # a decoder bug on one odd file must not fail the shard
-            return ErrorRow(sample.key, "", "decode", type(e).__name__, str(e))
-        try:
-            return self.preprocessor(decoded, sample.key)
-        except PreprocessError as e:
-            return ErrorRow(sample.key, "", "preprocess", e.reason, str(e))
-        except Exception as e:
-            return ErrorRow(sample.key, "", "preprocess", type(e).__name__, str(e))
+        """Decode + preprocess one sample here, in the calling thread."""
+        result = prepare(sample.image, sample.key, self.decode_options, self.preprocessor)
+        if isinstance(result, DecodeFailure):
+            return ErrorRow(sample.key, "", result.stage, result.reason, result.message)
+        return result
 
     def _batches(self, reader: ShardReader, url: str, reasons: Counter[str], sink: _WriterThread):
-        """Yield lists of (sample, preprocessed) of one target size, in a deterministic order."""
+        """Yield lists of (sample, preprocessed) of one target size, in a deterministic order.
+
+        Samples go to the decode pool in chunks and come back in shard order; bad samples (from
+        the reader or the decoder) reach the ledger in shard order too, whatever the pool.
+        """
         batch_size = self.config.ray.batch_size
-        prefetch = max(2 * batch_size, 4 * self.decode_threads)
+        # Threads: 4 samples per thread; processes: 2 chunks per process.
+        prefetch = max(2 * batch_size, self.decode_threads * max(4, 2 * self._decoder.chunk))
         # Partial buckets hold decoded images; cap them so many buckets cannot exhaust memory.
         max_pending = 4 * batch_size
         pending: dict[tuple[int, int], list[tuple[Sample, Preprocessed]]] = {}
-        in_flight: deque[tuple[Sample, Future]] = deque()
+        # Entries in shard order: a read error, or a chunk of samples with its decode future.
+        window: deque[SampleError | tuple[list[Sample], Future]] = deque()
+        queued = 0  # samples in the window
+        chunk: list[Sample] = []
 
-        def collect(sample: Sample, future: Future):
-            result = future.result()
-            if isinstance(result, ErrorRow):
-                result.source = url
-                reasons[f"{result.stage}/{result.error}"] += 1
-                sink.put(("error", result))
+        def error(row: ErrorRow) -> None:
+            reasons[f"{row.stage}/{row.error}"] += 1
+            sink.put(("error", row))
+
+        def add(sample: Sample, result: Preprocessed | DecodeFailure):
+            if isinstance(result, DecodeFailure):
+                error(ErrorRow(sample.key, url, result.stage, result.reason, result.message))
                 return None
             bucket = pending.setdefault(result.target_size, [])
             bucket.append((sample, result))
@@ -358,20 +363,41 @@ class EncodeWorker:
                 return pending.pop(fullest)
             return None
 
-        for item in reader:
-            if isinstance(item, SampleError):
-                reasons[f"read/{item.reason}"] += 1
-                sink.put(("error", ErrorRow(item.key, url, "read", item.reason, item.message)))
-                continue
-            in_flight.append((item, self._pool.submit(self._prepare, item)))
-            while len(in_flight) >= prefetch:
-                ready = collect(*in_flight.popleft())
+        def oldest():
+            """Collect the oldest window entry; yields the batches it completes."""
+            nonlocal queued
+            entry = window.popleft()
+            if isinstance(entry, SampleError):
+                error(ErrorRow(entry.key, url, "read", entry.reason, entry.message))
+                return
+            samples, future = entry
+            queued -= len(samples)
+            results = self._decoder.result(future, [(s.key, s.image) for s in samples])
+            for sample, result in zip(samples, results):
+                ready = add(sample, result)
                 if ready:
                     yield ready
-        while in_flight:
-            ready = collect(*in_flight.popleft())
-            if ready:
-                yield ready
+
+        def flush() -> None:
+            nonlocal chunk, queued
+            if chunk:
+                window.append((chunk, self._decoder.submit([(s.key, s.image) for s in chunk])))
+                queued += len(chunk)
+                chunk = []
+
+        for item in reader:
+            if isinstance(item, SampleError):
+                flush()
+                window.append(item)
+            else:
+                chunk.append(item)
+                if len(chunk) >= self._decoder.chunk:
+                    flush()
+            while queued >= prefetch:
+                yield from oldest()
+        flush()
+        while window:
+            yield from oldest()
         for size in list(pending):
             yield pending.pop(size)
 

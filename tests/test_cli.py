@@ -97,3 +97,21 @@ def test_module_entry_point_help():
     assert proc.returncode == 0
     for command in ("run", "encode", "qa", "make-shards", "inspect"):
         assert command in proc.stdout
+
+
+def test_unreachable_cluster_fails_fast_naming_the_address(job):
+    import os
+    import socket
+    import time
+
+    with socket.socket() as s:  # a loopback port with nothing listening on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{port}")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "encode", str(job), "ray.connect_timeout=2"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == cli.EXIT_USAGE, proc.stderr
+    assert f"nothing answers at 127.0.0.1:{port} (tried for 2 s" in proc.stderr
+    assert "ray.address / RAY_ADDRESS" in proc.stderr
+    assert time.monotonic() - t0 < 60  # not Ray's own minutes of retries

@@ -98,8 +98,10 @@ def test_bad_files(tmp_path):
 
 def test_to_dict_redacts_secrets():
     c = config_from_dict(_with(output={"storage_options": {"key": "AKIA123", "secret": "s3cr3t",
-                                                            "client_kwargs": {"endpoint_url": "http://x"}}}))
+                                                            "client_kwargs": {"endpoint_url": "http://x"}}},
+                               model={"weights": "s3://w/vae", "storage_options": {"secret": "m0del"}}))
     d = c.to_dict()
+    assert d["model"]["storage_options"]["secret"] == "***" and "m0del" not in str(d)
     assert d["output"]["storage_options"]["secret"] == "***" and d["output"]["storage_options"]["key"] == "***"
     assert "s3cr3t" not in str(d) and "AKIA123" not in str(d)
     assert d["output"]["storage_options"]["client_kwargs"]["endpoint_url"] == "http://x"

@@ -1,7 +1,8 @@
 """The Ray encode job end to end, on one shared local Ray instance (few runs: each starts actors).
 
 Covers: local files, worker-count invariance (bit-identical latents), resume redoing only the
-uncommitted shard, an actor killed mid-shard (retry, every key exactly once), an always-failing
+uncommitted shard, an actor killed mid-shard (retry, every key exactly once; its decode processes
+exit with it), an always-failing
 shard (recorded as failed while the others commit), and S3 in and out.
 """
 
@@ -86,7 +87,8 @@ def test_killed_actor_is_retried_and_bad_shard_fails(ray_local, sample_shards, t
     monkeypatch.setenv("LATENT_FAULT_MARKER", str(marker))
     out = tmp_path / "out"
     urls = [str(shard_dir / "*.tar"), str(shard_dir / "missing.tar")]
-    config = make_config(urls, out, ray={"workers": 2, "batch_size": 1, "max_attempts": 2})
+    # Decoding in processes of their own: the killed actor's decode processes go with it.
+    config = make_config(urls, out, ray={"workers": 2, "batch_size": 1, "max_attempts": 2, "decode_mode": "processes"})
     summary = run_encode(config)
 
     assert marker.exists()  # one actor process was killed mid-shard
