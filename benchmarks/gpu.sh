@@ -33,6 +33,9 @@ step $PY -m benchmarks.bench_encoder --preset sd --resolution 512 --batch 16 --d
   --repeats $R --json "$OUTDIR/encoder512.json"
 step $PY -m benchmarks.device_peak --preset sd --resolution 256 --batch 64 --repeats $R --json "$OUTDIR/peak256.json"
 [ "${QUICK:-0}" = 1 ] || step $PY -m benchmarks.device_peak --preset sd --resolution 256 --batch 64 --compile --json "$OUTDIR/peak256-compiled.json"
+# The decode stage alone: cost per image, and threads vs processes from 1 to 14 decoders.
+step $PY -m benchmarks.bench_decode --resolution 256 --source-sides 320 --images 1024 --decoders 1,2,4,8,14 \
+  --repeats $PR --workdir /tmp/bench-decode
 # Decoding in threads and in processes (the default on a GPU), side by side in one run.
 step $PY -m benchmarks.bench_pipeline --preset sd --resolution 256 --device cuda --dtype bf16 \
   --batch 64 --cpus 16 --decode-threads 14 --shards 4 --per-shard $PS --repeats $PR --no-job \

@@ -16,7 +16,9 @@ BENCHES = [
     ["benchmarks.bench_pipeline", "--preset", "tiny", "--resolution", "128", "--shards", "4", "--per-shard", "64"],
     # GPU-like: encoder and decoder on disjoint cores, rates of the same order (large JPEGs).
     ["benchmarks.bench_pipeline", "--preset", "tiny", "--resolution", "64", "--source-side", "2048", "--shards", "2",
-     "--per-shard", "128", "--encoder-threads", "1", "--decode-threads", "1", "--cpus", "2", "--no-job"],
+     "--per-shard", "128", "--encoder-threads", "1", "--decode-threads", "1", "--cpus", "2", "--no-job",
+     "--decode-mode", "threads,processes"],
+    ["benchmarks.bench_decode", "--resolution", "256", "--source-sides", "320,640", "--decoders", "1,2"],
     ["benchmarks.bench_raydata", "--preset", "tiny", "--resolution", "128", "--shards", "3", "--per-shard", "96"],
     ["benchmarks.bench_memory", "--preset", "tiny", "--resolution", "128", "--shards", "2", "--per-shard", "64"],
 ]

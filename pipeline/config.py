@@ -150,7 +150,7 @@ class RayConfig:
     #: Decoders per actor (threads or processes, see decode_mode); unset: max(1, num_cpus_per_worker).
     decode_threads: int | None = None
     #: Where decoding runs: "threads" of the actor's process, or "processes" of its own (no GIL
-    #: shared with the encoder's thread); "auto": processes on GPU actors with 4 or more decoders,
+    #: shared with the encoder's thread); "auto": processes on GPU actors with 8 or more decoders,
     #: else threads.
     decode_mode: Literal["auto", "threads", "processes"] = "auto"
 

@@ -64,9 +64,9 @@ def prepare(data: bytes, key: str, options: DecodeOptions, preprocessor: Preproc
 
 
 def resolve_mode(mode: str, *, gpu: bool, workers: int) -> str:
-    """"auto" -> processes for a GPU worker with 4 or more decoders, else threads."""
+    """"auto" -> processes for a GPU worker with 8 or more decoders, else threads."""
     if mode == "auto":
-        return "processes" if gpu and workers >= 4 else "threads"
+        return "processes" if gpu and workers >= 8 else "threads"
     if mode not in MODES:
         raise ValueError(f"decode mode must be one of {MODES}, got {mode!r}")
     return mode

@@ -11,6 +11,11 @@ Policy (the one SD/SDXL training uses):
    generator seeded by (`preprocess.seed`, sample key), so the crop of a key is the same on
    every run, worker and machine.
 
+Steps 2 and 3 run as one resampling of just the crop's box (Pillow's `resize(box=...)`): the
+same filter over the same geometry, without computing the pixels the crop would discard (a
+quarter of the work for a 4:3 photo to a square). It matches resize-then-crop except for a few
+pixels per image that differ by rounding.
+
 Each result records the SDXL micro-conditioning values: the original size (before resizing),
 the crop's top-left corner in resized coordinates, and the target size.
 """
@@ -109,9 +114,16 @@ class Preprocessor:
         target = self.target_for(original)
         resized = self.resized_size(original)
         pixels = image.pixels
-        if pixels.shape[:2] != resized:
-            pil = Image.fromarray(pixels, "RGB")
-            pixels = np.asarray(pil.resize((resized[1], resized[0]), Image.Resampling.LANCZOS))
         top, left = self.crop_offset(key, resized, target)
-        out = np.ascontiguousarray(pixels[top : top + target[0], left : left + target[1]])
+        if pixels.shape[:2] != resized:
+            # Resample only the crop: the same Lanczos filter over the same geometry as resizing
+            # the whole image and cropping (taps outside the box are still read), without
+            # computing the pixels the crop throws away.
+            sy, sx = pixels.shape[0] / resized[0], pixels.shape[1] / resized[1]
+            box = (left * sx, top * sy, (left + target[1]) * sx, (top + target[0]) * sy)
+            pil = Image.fromarray(pixels, "RGB")
+            out = np.asarray(pil.resize((target[1], target[0]), Image.Resampling.LANCZOS, box=box))
+        else:
+            out = pixels[top : top + target[0], left : left + target[1]]
+        out = np.ascontiguousarray(out)
         return Preprocessed(pixels=out, original_size=original, crop_top_left=(top, left), target_size=target)

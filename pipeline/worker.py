@@ -178,7 +178,7 @@ def build_manifest(config: JobConfig, model: Any) -> Manifest:
             "crop": p.crop,
             "seed": p.seed,
             "background": list(p.background),
-            "resize": "shorter side to cover the target, Lanczos; JPEG draft decoding",
+            "resize": "shorter side to cover the target, Lanczos over the crop box; JPEG draft decoding",
             "min_size": p.min_size,
             "max_pixels": p.max_pixels,
             "image_exts": list(config.input.image_exts),

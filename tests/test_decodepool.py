@@ -148,7 +148,7 @@ def _alive(pid: int) -> bool:
 
 def test_mode_choice_and_config():
     assert resolve_mode("auto", gpu=True, workers=8) == "processes"
-    assert resolve_mode("auto", gpu=True, workers=2) == "threads"
+    assert resolve_mode("auto", gpu=True, workers=7) == "threads"
     assert resolve_mode("auto", gpu=False, workers=16) == "threads"
     assert resolve_mode("threads", gpu=True, workers=16) == "threads"
     assert resolve_mode("processes", gpu=False, workers=1) == "processes"

@@ -57,3 +57,21 @@ def test_drafted_input_is_resized_from_original_geometry():
 def test_small_images_are_upscaled_to_cover():
     out = Preprocessor([(64, 96)])(_image(10, 10), "k")
     assert out.pixels.shape == (64, 96, 3) and out.crop_top_left == (16, 0)
+
+
+def test_crop_box_resampling_matches_resize_then_crop():
+    # Resampling only the crop's box is resize-then-crop up to rounding at a few pixels.
+    from conftest import sample_photos
+    from PIL import Image
+
+    pre = Preprocessor([(96, 96)], crop="random", seed=3)
+    for i, (_, photo) in enumerate(sample_photos(count=4)):
+        pixels = np.asarray(photo.convert("RGB").resize((150 + 10 * i, 120)))
+        out = pre(DecodedImage(pixels=pixels, original_size=pixels.shape[:2]), f"k{i}")
+        rh, rw = pre.resized_size(pixels.shape[:2])
+        full = np.asarray(Image.fromarray(pixels).resize((rw, rh), Image.Resampling.LANCZOS))
+        top, left = out.crop_top_left
+        reference = full[top : top + 96, left : left + 96].astype(int)
+        diff = np.abs(out.pixels.astype(int) - reference)
+        assert out.pixels.shape == (96, 96, 3) and diff.max() <= 16
+        assert (diff > 1).mean() < 0.002 and diff.mean() < 0.01
