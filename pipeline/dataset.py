@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -213,7 +215,9 @@ class LatentDataset(IterableDataset):
     non-persistent workers (the default) or a new iterator per epoch.
 
     Only shards committed when the dataset is constructed are read; pass `shards` to restrict
-    (or pin) the list, which all ranks must agree on.
+    (or pin) the list, which all ranks must agree on. `keys` keeps only the samples with those
+    keys (a held-out set, a spot check): row groups of Parquet shards that hold none of them are
+    skipped after reading their key column, so a few keys cost little more than the key columns.
     """
 
     def __init__(
@@ -231,6 +235,7 @@ class LatentDataset(IterableDataset):
         sample: bool = True,
         flip: bool = True,
         readahead: int = 2,
+        keys: Iterable[str] | None = None,
     ):
         self.url = url
         self.storage_options = dict(storage_options or {})
@@ -254,6 +259,9 @@ class LatentDataset(IterableDataset):
         self.flip = flip
         self.readahead = max(1, int(readahead))
         self.epoch = 0
+        #: Only these sample keys are yielded (None: all). Parquet row groups without any of
+        #: them are skipped after reading their key column alone.
+        self.keys: frozenset[str] | None = frozenset(keys) if keys is not None else None
 
     # -- planning --------------------------------------------------------------------------
     @property
@@ -322,6 +330,7 @@ class LatentDataset(IterableDataset):
 
         columns = self._columns()
         fixed = self.manifest.fixed_shape
+        key_set = pa.array(sorted(self.keys), pa.string()) if self.keys is not None else None
         open_name: str | None = None
         handle = None
         pf = None
@@ -337,6 +346,8 @@ class LatentDataset(IterableDataset):
                     batch: list[dict[str, Any]] = []
                     with storage.open_input(_shard_url(self.url, record), self.storage_options) as f:
                         for row in _tar_rows(f, record.dtype, columns):
+                            if self.keys is not None and row["key"] not in self.keys:
+                                continue
                             batch.append(row)
                             if len(batch) >= 64:
                                 if not put(batch):
@@ -357,7 +368,14 @@ class LatentDataset(IterableDataset):
                             f"{len(record.row_groups)}"
                         )
                     names = [n for n in pf.schema_arrow.names if n not in LATENT_COLUMNS or n in columns]
-                table = pf.read_row_group(unit.row_group, columns=names)
+                if key_set is not None:
+                    wanted = pc.is_in(pf.read_row_group(unit.row_group, columns=["key"]).column("key"),
+                                      value_set=key_set)
+                    if not pc.any(wanted).as_py():
+                        continue
+                    table = pf.read_row_group(unit.row_group, columns=names).filter(wanted)
+                else:
+                    table = pf.read_row_group(unit.row_group, columns=names)
                 if not put(_parquet_rows(table, record.dtype, fixed)):
                     return
             put(None)

@@ -154,3 +154,37 @@ def test_s3_dataset_with_workers(s3_server):
         seen = _keys_over_world(root, so, world=2, workers=2)
         assert set(seen) == {r.key for rs in written.values() for r in rs}
         assert set(seen.values()) == {1}
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "wds"])
+def test_keys_keep_only_those_samples(outputs, fmt, monkeypatch):
+    import pyarrow.parquet as pq
+
+    root, _, written = outputs[fmt]
+    # Shard 00003 has 9 rows in row groups of 3: keys in its first and last group only.
+    wanted = {written["00003"][0].key, written["00003"][8].key, written["00001"][4].key}
+    reads: list[tuple[int, tuple[str, ...]]] = []
+    original = pq.ParquetFile.read_row_group
+
+    def spy(self, i, columns=None, **kw):
+        reads.append((i, tuple(columns or ())))
+        return original(self, i, columns=columns, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    seen = _keys_over_world(root, world=2, workers=0, keys=wanted, shards=["00001", "00003"])
+    assert seen == Counter({k: 1 for k in wanted})
+
+    # The latents are the ones stored for those keys.
+    ds = LatentDataset(root, rank=0, world_size=1, keys=wanted, scale=False, sample=False, flip=False)
+    got = {item["key"]: item["latent"].numpy() for item in ds}
+    rows = {r.key: r for name in written for r in written[name]}
+    assert set(got) == wanted
+    for key, latent in got.items():
+        np.testing.assert_allclose(latent, rows[key].latent, atol=0.02, rtol=0.02)  # bf16 storage
+    if fmt == "parquet":
+        full = [r for r in reads if len(r[1]) > 1]
+        key_only = [r for r in reads if r[1] == ("key",)]
+        # Every row group is looked at by its key column (2 + 3 in the first pass over two shards,
+        # 3 + 2 + 1 + 3 in the second over all four); only the 3 holding a wanted key are read
+        # whole, in each pass.
+        assert len(key_only) == 5 + 9 and len(full) == 3 + 3

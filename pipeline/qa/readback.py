@@ -86,7 +86,7 @@ class StoredLatentReader:
 
     Raw latents (`scale=False`), the posterior mean (`sample=False`), never flipped, in stored
     order; one rank of one. The dataset (one scan of the commit records) is built once and
-    narrowed to one shard per request.
+    narrowed to one shard and the requested keys per request.
     """
 
     def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None):
@@ -112,11 +112,12 @@ class StoredLatentReader:
         out: dict[str, np.ndarray] = {}
         if not wanted:
             return out
-        for item in self._for_shard(shard):
-            if item["key"] in wanted:
-                out[item["key"]] = item["latent"].numpy()
-                if len(out) == len(wanted):
-                    break  # the rest of the shard is not needed
+        view = self._for_shard(shard)
+        view.keys = frozenset(wanted)  # row groups without any of them are not read
+        for item in view:
+            out[item["key"]] = item["latent"].numpy()
+            if len(out) == len(wanted):
+                break  # the rest of the shard is not needed
         return out
 
     def pairs(self, shard: str, keys: Sequence[str]) -> list[PairedSample]:
