@@ -13,13 +13,14 @@ import sys
 
 BENCHES = [
     ["benchmarks.bench_encoder", "--preset", "sd", "--resolution", "128", "--batch", "2", "--repeats", "10"],
-    ["benchmarks.bench_pipeline", "--preset", "tiny", "--resolution", "128", "--shards", "4", "--per-shard", "64"],
+    ["benchmarks.bench_pipeline", "--preset", "tiny", "--resolution", "128", "--shards", "4", "--per-shard", "256"],
     # GPU-like: encoder and decoder on disjoint cores, rates of the same order (large JPEGs).
     ["benchmarks.bench_pipeline", "--preset", "tiny", "--resolution", "64", "--source-side", "2048", "--shards", "2",
      "--per-shard", "128", "--encoder-threads", "1", "--decode-threads", "1", "--cpus", "2", "--no-job",
-     "--decode-mode", "threads,processes"],
+     "--decode-mode", "threads,processes", "--repeats", "5"],
     ["benchmarks.bench_decode", "--resolution", "256", "--source-sides", "320,640", "--decoders", "1,2"],
-    ["benchmarks.bench_raydata", "--preset", "tiny", "--resolution", "128", "--shards", "3", "--per-shard", "96"],
+    ["benchmarks.bench_raydata", "--preset", "tiny", "--resolution", "128", "--shards", "4", "--per-shard", "128",
+     "--repeats", "5"],
     ["benchmarks.bench_memory", "--preset", "tiny", "--resolution", "128", "--shards", "2", "--per-shard", "64"],
 ]
 

@@ -194,4 +194,7 @@ class DecodePool:
                 f.result()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the decoders: queued chunks are dropped, a running chunk is finished first."""
+        # Processes are joined (a chunk takes milliseconds): leaving them to the interpreter's
+        # exit makes it write to pipes that are already closed.
+        self._executor.shutdown(wait=self.mode == "processes", cancel_futures=True)
