@@ -6,22 +6,30 @@ the file, EXIF, the crop arithmetic, array wrapping), and each release of the GI
 from every other thread of the process: the encoder's launching thread, the tar reader, the
 Parquet writer. With many decode threads that traffic, not the CPU, limits decoding.
 
-Processes have their own interpreters: no GIL is shared, at the price of starting them (about a
-second, once per worker) and of pickling each chunk's bytes in and its pixels out. Samples go in
-chunks (`chunk`) so the per-message cost is paid once per several images.
+Processes have their own interpreters: no GIL is shared, at the price of starting them (once per
+worker) and of pickling each chunk's bytes in and its pixels out. Samples go in chunks (`chunk`)
+so the per-message cost is paid once per several images. They are started as
+`python -m pipeline.decodechild`, not through multiprocessing, which would fork the worker
+(threads, maybe a CUDA context) or make every child import the worker's main module (in a Ray
+actor: all of Ray).
 
 Both give exactly the same results: the same function runs on the same bytes.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import pickle
+import queue
+import struct
+import subprocess
+import sys
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 from .decode import DecodeError, DecodeOptions, decode_image
 from .preprocess import Preprocessed, PreprocessError, Preprocessor
@@ -73,44 +81,147 @@ def resolve_mode(mode: str, *, gpu: bool, workers: int) -> str:
 
 
 # -- inside a decode process -------------------------------------------------------------------
+#
+# A decode process is `python -m pipeline.decodechild`: it imports only this module (Pillow and
+# numpy, no torch, no Ray) and talks over its stdin/stdout. Messages are pickles behind an 8-byte
+# length: first (options, preprocessor), then one chunk of (key, bytes) after another; for each
+# chunk it answers with the list of results. It exits at the end of its stdin, which is also what
+# it sees when its worker dies, however it dies.
 
-_child: tuple[DecodeOptions, Preprocessor] | None = None
-
-
-def _child_init(options: DecodeOptions, preprocessor: Preprocessor, parent: int) -> None:
-    global _child
-    _child = (options, preprocessor)
-    # A worker killed with SIGKILL cannot stop its pool: leave as soon as the parent is gone.
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(0)
+_HEADER = struct.Struct("<Q")
 
 
-def _child_run(items: list[tuple[str, bytes]]) -> list[Preprocessed | DecodeFailure]:
-    assert _child is not None, "decode process not initialised"
-    options, preprocessor = _child
-    crash = os.environ.get(FAULT_CRASH_KEY)
-    out = []
-    for key, data in items:
-        if crash is not None and key == crash:
-            os._exit(70)
-        out.append(prepare(data, key, options, preprocessor))
-    return out
+def _read_message(stream: BinaryIO) -> Any:
+    head = stream.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        raise EOFError
+    (size,) = _HEADER.unpack(head)
+    body = stream.read(size)
+    if len(body) < size:
+        raise EOFError
+    return pickle.loads(body)
+
+
+def _write_message(stream: BinaryIO, obj: Any) -> None:
+    body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(body)))
+    stream.write(body)
+    stream.flush()
+
+
+def serve(inp: BinaryIO, out: BinaryIO) -> None:
+    """The loop of a decode process."""
+    try:
+        options, preprocessor = _read_message(inp)
+        crash = os.environ.get(FAULT_CRASH_KEY)
+        while True:
+            items = _read_message(inp)
+            results = []
+            for key, data in items:
+                if crash is not None and key == crash:
+                    os._exit(70)
+                results.append(prepare(data, key, options, preprocessor))
+            _write_message(out, results)
+    except (EOFError, BrokenPipeError):
+        return
 
 
 # -- in the worker -----------------------------------------------------------------------------
+
+
+class DecodeProcessDied(RuntimeError):
+    """The decode process holding a chunk died before answering."""
+
+
+class _Child:
+    """One decode process: a writer thread feeds its stdin, a reader thread resolves the futures
+    of its chunks in order."""
+
+    def __init__(self, options: DecodeOptions, preprocessor: Preprocessor, on_exit: Any):
+        env = dict(os.environ)
+        # The worker's import path (a Ray runtime_env may have extended it), so the child finds
+        # this package wherever the worker found it.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.decodechild"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env=env, close_fds=True,
+        )
+        self._on_exit = on_exit
+        self._lock = threading.Lock()
+        self._pending: deque[Future] = deque()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.alive = True
+        self._outbox.put((options, preprocessor))
+        self._writer = threading.Thread(target=self._write_loop, name="decode-feed", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, name="decode-results", daemon=True)
+        self._writer.start()
+        self._reader.start()
+
+    @property
+    def load(self) -> int:
+        return len(self._pending)
+
+    def submit(self, items: list[tuple[str, bytes]]) -> Future | None:
+        """Queue a chunk; None when the process has already ended (choose another)."""
+        future: Future = Future()
+        with self._lock:
+            if not self.alive:
+                return None
+            self._pending.append(future)
+            self._outbox.put(items)
+        return future
+
+    def _write_loop(self) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        try:
+            while True:
+                item = self._outbox.get()
+                if item is None:
+                    break
+                _write_message(stdin, item)
+        except (BrokenPipeError, OSError, ValueError):
+            pass  # the reader sees the process end and fails what is pending
+        finally:
+            try:
+                stdin.close()
+            except OSError:
+                pass
+
+    def _read_loop(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        try:
+            while True:
+                results = _read_message(stdout)
+                with self._lock:
+                    future = self._pending.popleft()
+                future.set_result(results)
+        except (EOFError, OSError, pickle.UnpicklingError, IndexError):
+            pass
+        with self._lock:
+            self.alive = False
+            pending, self._pending = list(self._pending), deque()
+        code = self.proc.wait()
+        for future in pending:
+            future.set_exception(DecodeProcessDied(f"decode process {self.proc.pid} exited with {code}"))
+        self._on_exit(self)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._outbox.put(None)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 class DecodePool:
     """`workers` threads or processes running `prepare` on chunks of (key, image bytes).
 
     Submit with `submit`, collect with `result` (not `future.result()`): when a decode process
-    dies (a decoder crash on a hostile file), the pool is restarted and the chunks it held are
-    redone one sample at a time, so the sample that kills a process again becomes a
+    dies (a decoder crash on a hostile file), it is replaced and the chunks it held are redone
+    one sample at a time, so a sample that kills a process on its own twice becomes a
     `DecodeFailure` with reason "crashed" and every other sample is prepared as usual.
     """
 
@@ -122,79 +233,89 @@ class DecodePool:
         self.options = options
         self.preprocessor = preprocessor
         self._lock = threading.Lock()
+        self._closed = False
         #: Decode processes that died and were replaced.
         self.restarts = 0
-        self._executor: ThreadPoolExecutor | ProcessPoolExecutor
+        self._children: list[_Child] = []
+        self._threads: ThreadPoolExecutor | None = None
         if mode == "threads":
             self.chunk = 1
-            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
+            self._threads = ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
         else:
             self.chunk = PROCESS_CHUNK
-            self._executor = self._new_processes()
+            self._children = [self._spawn() for _ in range(self.workers)]
 
-    def _new_processes(self) -> ProcessPoolExecutor:
-        # spawn, never fork: the worker process has threads, and maybe a CUDA context.
-        return ProcessPoolExecutor(
-            self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_child_init,
-            initargs=(self.options, self.preprocessor, os.getpid()),
-        )
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the decode processes (empty for threads)."""
+        with self._lock:
+            return [c.proc.pid for c in self._children]
+
+    def _spawn(self) -> _Child:
+        return _Child(self.options, self.preprocessor, self._child_exited)
+
+    def _child_exited(self, child: _Child) -> None:
+        """A decode process ended: replace it (unless the pool is closing)."""
+        with self._lock:
+            if self._closed or child not in self._children:
+                return
+            self._children[self._children.index(child)] = self._spawn()
+            self.restarts += 1
 
     def submit(self, items: list[tuple[str, bytes]]) -> Future:
         """Start preparing `items`; `result(future, items)` gives one entry per item, in order."""
-        if self.mode == "threads":
-            return self._executor.submit(self._run_here, items)
-        with self._lock:
-            executor = self._executor
-        try:
-            future = executor.submit(_child_run, items)
-        except BrokenProcessPool:
-            future = Future()
-            future.set_exception(BrokenProcessPool("decode pool broken"))
-        future.executor = executor  # type: ignore[attr-defined]
-        return future
+        if self._threads is not None:
+            return self._threads.submit(self._run_here, items)
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("the decode pool is closed")
+                alive = [c for c in self._children if c.alive]
+            # The least loaded live process; when a process has just died its replacement is
+            # being started: wait for it.
+            future = min(alive, key=lambda c: c.load).submit(items) if alive else None
+            if future is not None:
+                return future
+            time.sleep(0.01)
 
     def result(self, future: Future, items: list[tuple[str, bytes]]) -> list[Preprocessed | DecodeFailure]:
         """The prepared `items` of a `submit` future (waits for it)."""
         try:
             return future.result()
-        except BrokenProcessPool:
-            if self.mode != "processes":
-                raise
-        self._replace(getattr(future, "executor", None))
+        except DecodeProcessDied:
+            pass
         out: list[Preprocessed | DecodeFailure] = []
         for item in items:
-            with self._lock:
-                executor = self._executor
-            try:
-                out.extend(executor.submit(_child_run, [item]).result())
-            except BrokenProcessPool:
-                out.append(DecodeFailure("decode", "crashed", "the decode process died while decoding this image"))
-                self._replace(executor)
+            for attempt in range(3):
+                try:
+                    out.extend(self.submit([item]).result())
+                    break
+                except DecodeProcessDied:
+                    # Alone in its chunk, the process died: this sample did it (twice: not chance).
+                    if attempt == 1:
+                        out.append(DecodeFailure("decode", "crashed", "the decode process died while decoding this image"))
+                        break
         return out
-
-    def _replace(self, broken: ProcessPoolExecutor | None) -> None:
-        """Swap in a fresh process pool unless another thread already replaced `broken`."""
-        with self._lock:
-            if broken is not None and self._executor is not broken:
-                return
-            old = self._executor
-            self._executor = self._new_processes()
-            self.restarts += 1
-        old.shutdown(wait=False, cancel_futures=True)
 
     def _run_here(self, items: list[tuple[str, bytes]]) -> list[Preprocessed | DecodeFailure]:
         return [prepare(data, key, self.options, self.preprocessor) for key, data in items]
 
     def warm_up(self) -> None:
-        """Start every process now rather than at the first shard (no-op for threads)."""
-        if self.mode == "processes":
-            for f in [self._executor.submit(_child_run, []) for _ in range(self.workers)]:
-                f.result()
+        """Wait until every decode process is up (no-op for threads)."""
+        for future in [child.submit([]) for child in list(self._children)]:
+            try:
+                if future is not None:
+                    future.result()
+            except DecodeProcessDied:
+                pass  # replaced already; its successor starts on its own
 
     def close(self) -> None:
-        """Stop the decoders: queued chunks are dropped, a running chunk is finished first."""
-        # Processes are joined (a chunk takes milliseconds): leaving them to the interpreter's
-        # exit makes it write to pipes that are already closed.
-        self._executor.shutdown(wait=self.mode == "processes", cancel_futures=True)
+        """Stop the decoders: queued work is dropped, a running chunk is finished first."""
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            return
+        with self._lock:
+            self._closed = True
+            children = list(self._children)
+        for child in children:
+            child.close()

@@ -116,13 +116,13 @@ def test_threads_ignore_the_crash_hook(tmp_path, tiny_model, monkeypatch):
 
 def test_decode_processes_exit_with_their_worker(tmp_path):
     script = textwrap.dedent("""
-        import multiprocessing, os, signal, sys
+        import os, signal
         from pipeline.decode import DecodeOptions
         from pipeline.decodepool import DecodePool
         from pipeline.preprocess import Preprocessor
         pool = DecodePool(2, "processes", DecodeOptions(), Preprocessor([(64, 64)]))
         pool.warm_up()
-        print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+        print(" ".join(str(pid) for pid in pool.pids), flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
@@ -155,3 +155,27 @@ def test_mode_choice_and_config():
     assert config_from_dict({"input": {"urls": "a.tar"}, "output": {"path": "o"}}).ray.decode_mode == "auto"
     with pytest.raises(ConfigError, match=r"ray\.decode_mode: expected one of auto\|threads\|processes"):
         config_from_dict({"input": {"urls": "a.tar"}, "output": {"path": "o"}, "ray": {"decode_mode": "fork"}})
+
+
+def test_decode_processes_are_small():
+    # A decode process imports Pillow and numpy, not torch or Ray, whatever its worker imported.
+    import ray  # noqa: F401  (imported here, it must not reach the children)
+    import torch  # noqa: F401
+
+    from pipeline.decode import DecodeOptions
+    from pipeline.decodepool import DecodePool
+    from pipeline.preprocess import Preprocessor
+
+    pool = DecodePool(2, "processes", DecodeOptions(), Preprocessor([(64, 64)]))
+    try:
+        pool.warm_up()
+        for pid in pool.pids:
+            with open(f"/proc/{pid}/maps") as f:
+                maps = f.read()
+            assert "libtorch" not in maps and "_raylet" not in maps
+            with open(f"/proc/{pid}/status") as f:
+                rss_kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+            assert rss_kb < 120_000
+    finally:
+        pool.close()
+    assert all(not _alive(pid) for pid in pool.pids)  # close() ends them
