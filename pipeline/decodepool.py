@@ -18,6 +18,7 @@ Both give exactly the same results: the same function runs on the same bytes.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import queue
@@ -37,6 +38,8 @@ from .preprocess import Preprocessed, PreprocessError, Preprocessor
 __all__ = ["DecodeFailure", "DecodePool", "prepare", "resolve_mode", "MODES", "FAULT_CRASH_KEY"]
 
 MODES = ("auto", "threads", "processes")
+
+log = logging.getLogger(__name__)
 
 #: Samples per message to a decode process.
 PROCESS_CHUNK = 8
@@ -82,20 +85,29 @@ def resolve_mode(mode: str, *, gpu: bool, workers: int) -> str:
 
 # -- inside a decode process -------------------------------------------------------------------
 #
-# A decode process is `python -m pipeline.decodechild`: it imports only this module (Pillow and
-# numpy, no torch, no Ray) and talks over its stdin/stdout. Messages are pickles behind an 8-byte
-# length: first (options, preprocessor), then one chunk of (key, bytes) after another; for each
-# chunk it answers with the list of results. It exits at the end of its stdin, which is also what
-# it sees when its worker dies, however it dies.
+# A decode process is `python -m pipeline.decodechild FD`: it imports only this module (Pillow and
+# numpy, no torch, no Ray), reads requests from its stdin and writes answers to pipe FD (not its
+# stdout, which startup code or a library may print to). Messages are pickles behind a 4-byte
+# magic and an 8-byte length: first (options, preprocessor), then one chunk of (key, bytes)
+# after another; for each chunk it answers with the list of results. It exits at the end of its
+# stdin, which is also what it sees when its worker dies, however it dies.
 
-_HEADER = struct.Struct("<Q")
+_MAGIC = b"LDP1"
+_HEADER = struct.Struct("<4sQ")
+_MAX_MESSAGE = 1 << 32
+
+
+class ProtocolError(RuntimeError):
+    """A decode process sent something that is not a message."""
 
 
 def _read_message(stream: BinaryIO) -> Any:
     head = stream.read(_HEADER.size)
     if len(head) < _HEADER.size:
         raise EOFError
-    (size,) = _HEADER.unpack(head)
+    magic, size = _HEADER.unpack(head)
+    if magic != _MAGIC or size > _MAX_MESSAGE:
+        raise ProtocolError(f"bad message header {head!r}")
     body = stream.read(size)
     if len(body) < size:
         raise EOFError
@@ -104,7 +116,7 @@ def _read_message(stream: BinaryIO) -> Any:
 
 def _write_message(stream: BinaryIO, obj: Any) -> None:
     body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_HEADER.pack(len(body)))
+    stream.write(_HEADER.pack(_MAGIC, len(body)))
     stream.write(body)
     stream.flush()
 
@@ -142,10 +154,18 @@ class _Child:
         # The worker's import path (a Ray runtime_env may have extended it), so the child finds
         # this package wherever the worker found it.
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.decodechild"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            env=env, close_fds=True,
-        )
+        read_end, write_end = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.decodechild", str(write_end)], stdin=subprocess.PIPE,
+                env=env, close_fds=True, pass_fds=(write_end,),
+            )
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        self._results = os.fdopen(read_end, "rb")
         self._on_exit = on_exit
         self._lock = threading.Lock()
         self._pending: deque[Future] = deque()
@@ -189,22 +209,26 @@ class _Child:
                 pass
 
     def _read_loop(self) -> None:
-        stdout = self.proc.stdout
-        assert stdout is not None
+        reason = "exited"
         try:
             while True:
-                results = _read_message(stdout)
+                results = _read_message(self._results)
                 with self._lock:
                     future = self._pending.popleft()
                 future.set_result(results)
-        except (EOFError, OSError, pickle.UnpicklingError, IndexError):
+        except EOFError:
             pass
+        except BaseException as e:  # noqa: BLE001 - garbage on the pipe: this process cannot be trusted
+            reason = f"was stopped after a broken answer ({type(e).__name__}: {e})"
+            log.error("decode process %d %s", self.proc.pid, reason)
+            self.proc.kill()
         with self._lock:
             self.alive = False
             pending, self._pending = list(self._pending), deque()
         code = self.proc.wait()
+        self._results.close()
         for future in pending:
-            future.set_exception(DecodeProcessDied(f"decode process {self.proc.pid} exited with {code}"))
+            future.set_exception(DecodeProcessDied(f"decode process {self.proc.pid} {reason} (exit code {code})"))
         self._on_exit(self)
 
     def close(self, timeout: float = 10.0) -> None:

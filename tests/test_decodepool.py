@@ -179,3 +179,45 @@ def test_decode_processes_are_small():
     finally:
         pool.close()
     assert all(not _alive(pid) for pid in pool.pids)  # close() ends them
+
+
+def test_stray_output_and_garbage_answers(tmp_path):
+    # Startup code of a decode process prints to its stdout (harmless: answers use their own
+    # pipe), and the first process also writes garbage into its answer pipe: it is stopped and
+    # replaced, and its chunk is redone, with every result still right.
+    import sys
+
+    from pipeline.decode import DecodeOptions
+    from pipeline.decodepool import DecodePool
+    from pipeline.preprocess import Preprocessor
+
+    site = tmp_path / "site"
+    site.mkdir()
+    marker = tmp_path / "garbage-written"
+    (site / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import os, sys
+        os.write(1, b"noise on fd 1\\n")
+        print("noise from print")
+        if sys.argv[-1].isdigit():
+            try:
+                os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                os.write(int(sys.argv[-1]), b"this is not a message header at all")
+            except FileExistsError:
+                pass
+    """))
+    old = os.environ.get("PYTHONPATH")
+    sys.path.insert(0, str(site))  # the pool passes the worker's import path to its processes
+    try:
+        pool = DecodePool(1, "processes", DecodeOptions(), Preprocessor([(64, 64)]))
+    finally:
+        sys.path.remove(str(site))
+    assert os.environ.get("PYTHONPATH") == old
+    try:
+        photo = sample_photos(count=1)[0][1]
+        items = [("a", _jpeg(photo, (96, 80))), ("b", b"not an image"), ("c", _jpeg(photo, (80, 120)))]
+        results = pool.result(pool.submit(items), items)
+    finally:
+        pool.close()
+    assert marker.exists() and pool.restarts == 1
+    assert results[0].pixels.shape == results[2].pixels.shape == (64, 64, 3)
+    assert results[1].reason == "not_an_image"
