@@ -239,6 +239,8 @@ class EncodeWorker:
         self.decode_mode = resolve_mode(config.ray.decode_mode, gpu=self.device.type == "cuda", workers=self.decode_threads)
         self._decoder = DecodePool(self.decode_threads, self.decode_mode, self.decode_options, self.preprocessor)
         self._decoder.warm_up()
+        log.info("encode worker: %s on %s, %d decode %s, %d shard(s) at a time", type(self.model).__name__,
+                 self.device, self.decode_threads, self.decode_mode, self.concurrency)
         self._fault = _FaultHook()
         # Shards being encoded -> images written so far. Read from other threads by the actor's
         # progress(); written under the GIL one key at a time.

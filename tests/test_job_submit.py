@@ -104,10 +104,13 @@ def test_job_submit_with_working_dir(ray_head, sample_shards, tiny_weights, tmp_
     cmd = [str(BIN / "ray"), "job", "submit", f"--address={url}", "--working-dir", ".", "--",
            "python", "-m", "pipeline", "encode", "configs/demo.yaml",
            f"input.urls={sample_shards[0].parent}/*.tar", f"output.path={out}", f"model.weights={tiny_weights}",
-           "preprocess.resolution=64", "ray.workers=2", "ray.batch_size=4", "qa.samples=2"]
+           "preprocess.resolution=64", "ray.workers=2", "ray.batch_size=4", "qa.samples=2",
+           # decode processes must find the package in the job's working dir too
+           "ray.decode_mode=processes", "ray.decode_threads=2"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-4000:]
     assert "Connecting to existing Ray cluster" in logs  # the job's driver joined the cluster
     assert "Encode summary" in logs and "3 committed now" in logs
+    assert "2 decode processes" in logs  # the actors decoded in processes of their own
     assert sorted(p.name for p in (out / "_commits").iterdir()) == ["00000.json", "00001.json", "00002.json"]
