@@ -18,7 +18,7 @@ Both sides are measured the same way:
   machine: `--cpus` threads; the peer's actor reserves one logical CPU so that its read tasks
   can run at all, ours reserves all of them, but the physical threads are the same);
 * peak memory is the largest sum of PSS over the job's whole process tree (driver, raylet,
-  GCS, workers, object store pages counted once), sampled every 0.1 s.
+  GCS, workers, object store pages counted once), sampled every 0.5 s.
 
 Each variant runs `--repeats` times, interleaved and alternating which goes first; the table
 shows medians and the ratio of medians.

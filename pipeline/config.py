@@ -153,6 +153,9 @@ class RayConfig:
     #: shared with the encoder's thread); "auto": processes on GPU actors with 8 or more decoders,
     #: else threads.
     decode_mode: Literal["auto", "threads", "processes"] = "auto"
+    #: Seconds one image may take to decode in a decode process before the process is ended and
+    #: the image recorded as a timeout (processes only: a thread cannot be stopped).
+    decode_timeout: float = 120.0
 
     def shards_in_flight(self, *, gpu: bool) -> int:
         """`max_in_flight_per_worker`, or its default for an actor with (or without) a GPU."""
@@ -500,6 +503,8 @@ def _check_semantics(c: JobConfig) -> None:
     _positive(r.max_attempts, "ray.max_attempts")
     _positive(r.max_in_flight_per_worker, "ray.max_in_flight_per_worker", allow_none=True)
     _positive(r.decode_threads, "ray.decode_threads", allow_none=True)
+    if r.decode_timeout <= 0:
+        raise ConfigError("ray.decode_timeout", f"must be > 0, got {r.decode_timeout}")
 
     q = c.qa
     if q.samples < 0:

@@ -19,9 +19,11 @@ Both give exactly the same results: the same function runs on the same bytes.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import queue
+import signal
 import struct
 import subprocess
 import sys
@@ -35,7 +37,7 @@ from typing import Any, BinaryIO
 from .decode import DecodeError, DecodeOptions, decode_image
 from .preprocess import Preprocessed, PreprocessError, Preprocessor
 
-__all__ = ["DecodeFailure", "DecodePool", "prepare", "resolve_mode", "MODES", "FAULT_CRASH_KEY"]
+__all__ = ["DecodeFailure", "DecodePool", "prepare", "resolve_mode", "MODES", "FAULT_CRASH_KEY", "FAULT_HANG_KEY"]
 
 MODES = ("auto", "threads", "processes")
 
@@ -47,6 +49,9 @@ PROCESS_CHUNK = 8
 #: Test-only fault hook: a decode process that meets the sample with this key dies at once
 #: (as if Pillow had crashed on it).
 FAULT_CRASH_KEY = "LATENT_FAULT_CRASH_KEY"
+#: Test-only fault hook: a decode process that meets the sample with this key hangs (as if a
+#: decoder looped forever on it).
+FAULT_HANG_KEY = "LATENT_FAULT_HANG_KEY"
 
 
 @dataclass(frozen=True)
@@ -122,17 +127,26 @@ def _write_message(stream: BinaryIO, obj: Any) -> None:
 
 
 def serve(inp: BinaryIO, out: BinaryIO) -> None:
-    """The loop of a decode process."""
+    """The loop of a decode process.
+
+    Each sample runs under an alarm of `timeout` seconds with SIGALRM's default action: a decoder
+    stuck in C code cannot catch it, so the kernel ends the process and the pool sees why.
+    """
     try:
-        options, preprocessor = _read_message(inp)
-        crash = os.environ.get(FAULT_CRASH_KEY)
+        options, preprocessor, timeout = _read_message(inp)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        crash, hang = os.environ.get(FAULT_CRASH_KEY), os.environ.get(FAULT_HANG_KEY)
         while True:
             items = _read_message(inp)
             results = []
             for key, data in items:
+                signal.alarm(max(1, math.ceil(timeout)) if timeout else 0)
                 if crash is not None and key == crash:
                     os._exit(70)
+                if hang is not None and key == hang:
+                    time.sleep(1e6)
                 results.append(prepare(data, key, options, preprocessor))
+            signal.alarm(0)
             _write_message(out, results)
     except (EOFError, BrokenPipeError):
         return
@@ -142,14 +156,19 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
 
 
 class DecodeProcessDied(RuntimeError):
-    """The decode process holding a chunk died before answering."""
+    """The decode process holding a chunk died before answering; `code` is its exit status
+    (negative: the signal that ended it)."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class _Child:
     """One decode process: a writer thread feeds its stdin, a reader thread resolves the futures
     of its chunks in order."""
 
-    def __init__(self, options: DecodeOptions, preprocessor: Preprocessor, on_exit: Any):
+    def __init__(self, options: DecodeOptions, preprocessor: Preprocessor, timeout: float, on_exit: Any):
         env = dict(os.environ)
         # The worker's import path (a Ray runtime_env may have extended it), so the child finds
         # this package wherever the worker found it.
@@ -171,7 +190,7 @@ class _Child:
         self._pending: deque[Future] = deque()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.alive = True
-        self._outbox.put((options, preprocessor))
+        self._outbox.put((options, preprocessor, timeout))
         self._writer = threading.Thread(target=self._write_loop, name="decode-feed", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="decode-results", daemon=True)
         self._writer.start()
@@ -228,7 +247,7 @@ class _Child:
         code = self.proc.wait()
         self._results.close()
         for future in pending:
-            future.set_exception(DecodeProcessDied(f"decode process {self.proc.pid} {reason} (exit code {code})"))
+            future.set_exception(DecodeProcessDied(f"decode process {self.proc.pid} {reason} (exit code {code})", code))
         self._on_exit(self)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -246,16 +265,20 @@ class DecodePool:
     Submit with `submit`, collect with `result` (not `future.result()`): when a decode process
     dies (a decoder crash on a hostile file), it is replaced and the chunks it held are redone
     one sample at a time, so a sample that kills a process on its own twice becomes a
-    `DecodeFailure` with reason "crashed" and every other sample is prepared as usual.
+    `DecodeFailure` with reason "crashed" and every other sample is prepared as usual. With
+    processes, one sample taking more than `timeout` seconds ends its process the same way and
+    becomes reason "timeout" (a thread cannot be stopped: threads ignore `timeout`).
     """
 
-    def __init__(self, workers: int, mode: str, options: DecodeOptions, preprocessor: Preprocessor):
+    def __init__(self, workers: int, mode: str, options: DecodeOptions, preprocessor: Preprocessor,
+                 timeout: float | None = None):
         if mode not in ("threads", "processes"):
             raise ValueError(f"mode must be 'threads' or 'processes', got {mode!r}")
         self.workers = max(1, int(workers))
         self.mode = mode
         self.options = options
         self.preprocessor = preprocessor
+        self.timeout = timeout
         self._lock = threading.Lock()
         self._closed = False
         #: Decode processes that died and were replaced.
@@ -276,7 +299,7 @@ class DecodePool:
             return [c.proc.pid for c in self._children]
 
     def _spawn(self) -> _Child:
-        return _Child(self.options, self.preprocessor, self._child_exited)
+        return _Child(self.options, self.preprocessor, self.timeout or 0.0, self._child_exited)
 
     def _child_exited(self, child: _Child) -> None:
         """A decode process ended: replace it (unless the pool is closing)."""
@@ -314,10 +337,14 @@ class DecodePool:
                 try:
                     out.extend(self.submit([item]).result())
                     break
-                except DecodeProcessDied:
+                except DecodeProcessDied as e:
                     # Alone in its chunk, the process died: this sample did it (twice: not chance).
                     if attempt == 1:
-                        out.append(DecodeFailure("decode", "crashed", "the decode process died while decoding this image"))
+                        if e.code == -signal.SIGALRM:
+                            failure = DecodeFailure("decode", "timeout", f"decoding took more than {self.timeout:g} s")
+                        else:
+                            failure = DecodeFailure("decode", "crashed", "the decode process died while decoding this image")
+                        out.append(failure)
                         break
         return out
 

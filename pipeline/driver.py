@@ -28,7 +28,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from . import storage
 from .config import ConfigError, JobConfig
-from .decodepool import FAULT_CRASH_KEY
+from .decodepool import FAULT_CRASH_KEY, FAULT_HANG_KEY
 from .layout import summary_url
 from .manifest import Manifest, ManifestMismatch, check_or_write_manifest
 from .plan import Plan, ShardTask, expand_urls, make_plan
@@ -203,7 +203,7 @@ def worker_resources(config: JobConfig) -> tuple[int, float, float]:
 
 def _fault_env() -> dict[str, str]:
     # The test-only fault hook must reach the actors also on a cluster (env of the driver only).
-    return {k: os.environ[k] for k in (FAULT_KILL_AFTER, FAULT_MARKER, FAULT_CRASH_KEY) if k in os.environ}
+    return {k: os.environ[k] for k in (FAULT_KILL_AFTER, FAULT_MARKER, FAULT_CRASH_KEY, FAULT_HANG_KEY) if k in os.environ}
 
 
 def _error_text(e: BaseException) -> str:

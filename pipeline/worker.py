@@ -237,7 +237,8 @@ class EncodeWorker:
             min_size=p.min_size,
         )
         self.decode_mode = resolve_mode(config.ray.decode_mode, gpu=self.device.type == "cuda", workers=self.decode_threads)
-        self._decoder = DecodePool(self.decode_threads, self.decode_mode, self.decode_options, self.preprocessor)
+        self._decoder = DecodePool(self.decode_threads, self.decode_mode, self.decode_options, self.preprocessor,
+                                   timeout=config.ray.decode_timeout)
         self._decoder.warm_up()
         log.info("encode worker: %s on %s, %d decode %s, %d shard(s) at a time", type(self.model).__name__,
                  self.device, self.decode_threads, self.decode_mode, self.concurrency)

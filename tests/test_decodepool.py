@@ -17,7 +17,7 @@ from conftest import sample_photos, write_shard
 from PIL import Image
 
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.decodepool import FAULT_CRASH_KEY, resolve_mode
+from pipeline.decodepool import FAULT_CRASH_KEY, FAULT_HANG_KEY, resolve_mode
 from pipeline.worker import EncodeWorker
 
 pytestmark = pytest.mark.timeout(180)
@@ -104,6 +104,23 @@ def test_a_decoder_crash_costs_one_sample(tmp_path, tiny_model, monkeypatch):
     ledger = pq.read_table(tmp_path / "out/errors/mixed.parquet").to_pylist()
     crashed = [e for e in ledger if e["error"] == "crashed"]
     assert [(e["key"], e["stage"]) for e in crashed] == [("p05", "decode")] and "died" in crashed[0]["message"]
+
+
+def test_a_hanging_decoder_costs_one_sample(tmp_path, tiny_model, monkeypatch):
+    shard = _mixed_shard(tmp_path / "mixed.tar")
+    monkeypatch.setenv(FAULT_HANG_KEY, "p07")  # a decode process never finishes this sample
+    config = _config(str(shard), tmp_path / "out", "processes", decode_timeout=1)
+    worker = EncodeWorker(config, device="cpu", model=tiny_model)
+    t0 = time.monotonic()
+    try:
+        result = worker.process_shard(str(shard), "mixed", num_shards=1)
+    finally:
+        worker.close()
+    assert time.monotonic() - t0 < 60
+    assert result.rows == 16 and result.errors_by_reason["decode/timeout"] == 1
+    ledger = pq.read_table(tmp_path / "out/errors/mixed.parquet").to_pylist()
+    assert [(e["key"], e["message"]) for e in ledger if e["error"] == "timeout"] == [
+        ("p07", "decoding took more than 1 s")]
 
 
 def test_threads_ignore_the_crash_hook(tmp_path, tiny_model, monkeypatch):
