@@ -48,13 +48,17 @@ import numpy as np
 from benchmarks.common import make_bench_shards, median, table
 
 
+def _tri(value: str):
+    return value if value == "auto" else value == "true"
+
+
 def build_config(args, shards: list[str], out: str, decode_mode: str = "auto"):
     from pipeline.config import config_from_dict
 
     return config_from_dict({
         "input": {"urls": shards},
         "output": {"path": out, "dtype": args.out_dtype, "format": "parquet"},
-        "model": {"preset": args.preset, "dtype": args.dtype, "channels_last": args.channels_last,
+        "model": {"preset": args.preset, "dtype": args.dtype, "channels_last": _tri(args.channels_last),
                   "compile": args.compile, "cuda_graphs": not args.no_cuda_graphs},
         "preprocess": {"resolution": args.resolution},
         "ray": {"workers": 1, "num_gpus_per_worker": 1 if args.device.startswith("cuda") else 0,
@@ -198,7 +202,7 @@ def job_e2e(args, shards: list[str], workdir: Path, decode_mode: str = "auto") -
     cfg.write_text(yaml.safe_dump({
         "input": {"urls": shards},
         "output": {"path": str(out), "dtype": args.out_dtype},
-        "model": {"preset": args.preset, "dtype": args.dtype, "channels_last": args.channels_last},
+        "model": {"preset": args.preset, "dtype": args.dtype, "channels_last": _tri(args.channels_last)},
         "preprocess": {"resolution": args.resolution},
         "ray": {"workers": 1, "num_gpus_per_worker": gpus,
                 "num_cpus_per_worker": args.cpus, "batch_size": args.batch, "decode_threads": args.decode_threads,
@@ -222,7 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--out-dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"],
+                   help="model.channels_last (auto: on for CPU, off for CUDA)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch the encoder eagerly on CUDA")
     p.add_argument("--device", default="cpu")

@@ -14,7 +14,7 @@ Both sides are measured the same way:
   `--cpus` and GPUs; the clock starts after `ray.init` returns and stops when the output is
   written, so both figures include starting the encode actor and loading the model (ours:
   `pipeline.driver.run_encode`, exactly what `python -m pipeline encode` runs after Ray is up);
-* both encoders use the same model, dtype, batch size and torch thread count (on a CPU-only
+* both encoders use the same model, dtype, memory format, batch size and torch thread count (on a CPU-only
   machine: `--cpus` threads; the peer's actor reserves one logical CPU so that its read tasks
   can run at all, ours reserves all of them, but the physical threads are the same);
 * peak memory is the largest sum of PSS over the job's whole process tree (driver, raylet,
@@ -84,7 +84,8 @@ class Encoder:
         torch.set_num_threads(max(1, int(args["torch_threads"])))
         self.torch = torch
         self.device = "cuda" if args["gpus"] else "cpu"
-        self.model = AutoencoderKL.from_preset(args["preset"]).prepare(device=self.device, dtype=args["dtype"])
+        self.model = AutoencoderKL.from_preset(args["preset"]).prepare(
+            device=self.device, dtype=args["dtype"], channels_last=args["channels_last"])
 
     def __call__(self, batch):
         torch = self.torch
@@ -111,6 +112,13 @@ def _torch_threads(args) -> int:
     return min(2, cpus) if args.device.startswith("cuda") else cpus
 
 
+def _channels_last(args) -> bool:
+    # Both sides use the same memory format: the pipeline's "auto" rule (on for CPU, off on CUDA).
+    if args.channels_last == "auto":
+        return not args.device.startswith("cuda")
+    return args.channels_last == "true"
+
+
 def _run(script: str, payload: dict) -> dict:
     """Run one job in its own process; returns images, seconds (after Ray is up) and peak memory."""
     proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(payload)], stdout=subprocess.PIPE,
@@ -131,7 +139,7 @@ def run_peer(args, shards: list[str], out: Path) -> dict:
     payload = {"shards": shards, "out": str(out), "cpus": args.cpus, "gpus": gpus, "resolution": args.resolution,
                "preset": args.preset, "dtype": args.dtype, "batch": args.batch,
                # One logical CPU for the (fused) Encoder actor leaves the rest to the read tasks.
-               "encoder_cpus": 1, "torch_threads": _torch_threads(args)}
+               "encoder_cpus": 1, "torch_threads": _torch_threads(args), "channels_last": _channels_last(args)}
     return _run(_PEER, payload)
 
 
@@ -145,7 +153,7 @@ def run_ours(args, shards: list[str], workdir: Path) -> dict:
     cfg.write_text(yaml.safe_dump({
         "input": {"urls": shards},
         "output": {"path": str(out), "dtype": "fp16"},
-        "model": {"preset": args.preset, "dtype": args.dtype},
+        "model": {"preset": args.preset, "dtype": args.dtype, "channels_last": _channels_last(args)},
         "preprocess": {"resolution": args.resolution},
         "ray": {"workers": 1, "num_gpus_per_worker": gpus, "num_cpus_per_worker": args.cpus, "batch_size": args.batch},
         "qa": {"samples": 8},
@@ -161,6 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--per-shard", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"],
+                   help="memory format of both encoders (auto: on for CPU, off for CUDA)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=3)

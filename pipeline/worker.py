@@ -216,7 +216,7 @@ class EncodeWorker:
         self.model.prepare(
             device=str(self.device),
             dtype=config.model.dtype,
-            channels_last=config.model.channels_last,
+            channels_last=config.model.channels_last_on(self.device.type),
             compile=config.model.compile,
         )
         self.manifest = build_manifest(config, self.model)

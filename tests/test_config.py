@@ -117,3 +117,12 @@ def test_shipped_configs_validate():
     assert demo.model.preset == "tiny" and demo.ray.num_gpus_per_worker == 0 and demo.ray.workers == 2
     assert demo.preprocess.target_sizes() == [(128, 128)] and demo.output.path == "demo-output"
     assert len(load_config(ROOT / "configs" / "sdxl.yaml").preprocess.target_sizes()) > 1
+
+
+def test_channels_last_auto_follows_the_device():
+    m = config_from_dict(_with()).model
+    assert m.channels_last == "auto" and m.channels_last_on("cpu") and not m.channels_last_on("cuda")
+    off = config_from_dict(_with(model={"channels_last": False})).model
+    on = config_from_dict(_with(model={"channels_last": True})).model
+    assert not off.channels_last_on("cpu") and on.channels_last_on("cuda")
+    assert "model.channels_last" in _error(_with(model={"channels_last": "sometimes"}))

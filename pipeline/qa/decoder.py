@@ -101,7 +101,7 @@ class ReconstructionDecoder:
         self.compute_dtype = model.dtype
         # Not compiled: QA decodes a few batches, compilation would cost more than it saves.
         self.model = load_model(model).prepare(device=str(self.device), dtype=model.dtype,
-                                                       channels_last=model.channels_last)
+                                                       channels_last=model.channels_last_on(self.device.type))
         self.lpips = None
         if lpips_weights:
             from pipeline.qa.lpips import LPIPS
