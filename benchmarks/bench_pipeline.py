@@ -250,9 +250,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pipeline.worker import EncodeWorker
+    from pipeline.worker import EncodeWorker, torch_threads
 
-    encoder_threads = args.encoder_threads or (max(1, int(args.cpus)) if args.device == "cpu" else min(2, int(args.cpus)))
+    encoder_threads = args.encoder_threads or torch_threads(torch.device(args.device).type, args.cpus)
     torch.set_num_threads(encoder_threads)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-pipeline-"))
     source = args.source_side or int(args.resolution * 1.25)

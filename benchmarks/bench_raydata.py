@@ -106,10 +106,10 @@ print(json.dumps({"images": rows, "seconds": seconds}))
 
 
 def _torch_threads(args) -> int:
-    # The same rule as EncodeWorker(set_threads=True): all the CPUs on a CPU-only machine, at
-    # most two (kernel launches only) with a GPU.
-    cpus = max(1, int(args.cpus))
-    return min(2, cpus) if args.device.startswith("cuda") else cpus
+    # The rule of EncodeWorker(set_threads=True), for the peer's encoder too.
+    from pipeline.worker import torch_threads
+
+    return torch_threads("cuda" if args.device.startswith("cuda") else "cpu", args.cpus)
 
 
 def _channels_last(args) -> bool:

@@ -44,7 +44,8 @@ from .preprocess import Preprocessed, Preprocessor
 from .reader import Sample, SampleError, ShardReader
 from .writer import ErrorRow, LatentRow, QARow, ShardWriter
 
-__all__ = ["EncodeWorker", "ShardResult", "build_manifest", "qa_per_shard", "FAULT_KILL_AFTER", "FAULT_MARKER"]
+__all__ = ["EncodeWorker", "ShardResult", "build_manifest", "qa_per_shard", "torch_threads", "FAULT_KILL_AFTER",
+           "FAULT_MARKER"]
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,13 @@ class _FaultHook:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def torch_threads(device_type: str, cpus: float) -> int:
+    """Torch CPU threads of an encode worker: all its CPUs on CPU; on a GPU, where the encoder
+    only launches kernels, at most two."""
+    n = max(1, int(cpus))
+    return n if device_type == "cpu" else min(2, n)
+
+
 def check_sizes(config: JobConfig, factor: int) -> None:
     """Every target size must be divisible by the model's downsampling factor."""
     p = config.preprocess
@@ -208,8 +216,7 @@ class EncodeWorker:
         self.device = torch.device(device)
         cpus = max(1, int(config.ray.num_cpus_per_worker))
         if set_threads:
-            # On CPU the encoder gets the actor's CPUs; on a GPU it only launches kernels.
-            torch.set_num_threads(cpus if self.device.type == "cpu" else min(2, cpus))
+            torch.set_num_threads(torch_threads(self.device.type, cpus))
         self.decode_threads = config.ray.decode_threads or cpus
         self.model = model if model is not None else load_model(config.model)
         check_sizes(config, int(self.model.downsample_factor))

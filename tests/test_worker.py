@@ -190,3 +190,9 @@ def test_concurrent_shards_match_one_at_a_time(sample_shards, tmp_path, tiny_mod
         assert files and files == sorted(p.relative_to(together) for p in (together / sub).iterdir())
         for f in files:
             assert (alone / f).read_bytes() == (together / f).read_bytes(), f
+
+
+def test_torch_thread_rule():
+    from pipeline.worker import torch_threads
+
+    assert [torch_threads("cpu", 4), torch_threads("cpu", 0.5), torch_threads("cuda", 16), torch_threads("cuda", 1)] == [4, 1, 2, 1]
