@@ -170,7 +170,9 @@ def test_sizes_must_fit_the_model(tmp_path, tiny_model):
     assert math.ceil(64 / 3) == qa_per_shard(64, 3) and qa_per_shard(0, 3) == 0
 
 
-def test_concurrent_shards_match_one_at_a_time(sample_shards, tmp_path, tiny_model):
+@pytest.mark.parametrize("decode_mode", ["threads", "processes"])
+def test_concurrent_shards_match_one_at_a_time(sample_shards, tmp_path, tiny_model, decode_mode):
+    # Two shards at a time (the GPU default, there with decode processes) share the decode pool.
     from concurrent.futures import ThreadPoolExecutor
 
     urls = [str(p) for p in sample_shards]
@@ -179,11 +181,15 @@ def test_concurrent_shards_match_one_at_a_time(sample_shards, tmp_path, tiny_mod
     assert one.concurrency == 1  # the CPU default
     for i, url in enumerate(urls):
         one.process_shard(url, f"{i:05d}", num_shards=3)
-    two = EncodeWorker(_config(urls, together, output={"flip": True}, ray={"max_in_flight_per_worker": 2}),
+    two = EncodeWorker(_config(urls, together, output={"flip": True},
+                               ray={"max_in_flight_per_worker": 2, "decode_mode": decode_mode}),
                        device="cpu", model=tiny_model)
-    assert two.concurrency == 2
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda a: two.process_shard(a[1], f"{a[0]:05d}", num_shards=3), enumerate(urls)))
+    assert two.concurrency == 2 and two.decode_mode == decode_mode
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda a: two.process_shard(a[1], f"{a[0]:05d}", num_shards=3), enumerate(urls)))
+    finally:
+        two.close()
     assert [r.rows for r in results] == [4, 4, 4] and two.running == {}
     for sub in ("shards", "qa/samples"):
         files = sorted(p.relative_to(alone) for p in (alone / sub).iterdir())
