@@ -163,6 +163,10 @@ def concurrent_limits(worker, shards: list[str], batches: list[np.ndarray], seco
     return counts["decode"] / seconds, counts["encode"] / seconds
 
 
+#: Per worker: seconds of its shards and their split into stages, summed over the worker rows.
+STAGE_TIME: dict[int, dict[str, float]] = {}
+
+
 def worker_e2e(worker, shards: list[str], out_root: str) -> int:
     from pipeline.storage import filesystem
 
@@ -171,8 +175,13 @@ def worker_e2e(worker, shards: list[str], out_root: str) -> int:
         fs.rm(path, recursive=True)
     # As an actor runs them: `worker.concurrency` shards at a time (2 on CUDA, 1 on CPU by default).
     with ThreadPoolExecutor(worker.concurrency) as pool:
-        results = pool.map(lambda url: worker.process_shard(url, Path(url).stem, num_shards=len(shards)), shards)
-        return sum(r.rows for r in results)
+        results = list(pool.map(lambda url: worker.process_shard(url, Path(url).stem, num_shards=len(shards)), shards))
+    acc = STAGE_TIME.setdefault(id(worker), {})
+    for r in results:
+        acc["shards"] = acc.get("shards", 0.0) + r.seconds
+        for k, v in r.stage_seconds.items():
+            acc[k] = acc.get(k, 0.0) + v
+    return sum(r.rows for r in results)
 
 
 _JOB = r'''
@@ -333,6 +342,18 @@ def main(argv=None) -> int:
         for mode in modes[1:]:
             ratios[f"worker [{mode}] / worker [{modes[0]}]"] = med[label("worker", mode)] / base
     print(table("Ratios", ["ratio", "value"], [[k, v] for k, v in ratios.items()]))
+    from pipeline.worker import STAGES
+
+    split = []
+    for mode, w in workers.items():
+        acc = STAGE_TIME.get(id(w), {})
+        total = acc.get("shards", 0.0)
+        if total > 0:
+            shares = [acc.get(k, 0.0) / total for k in STAGES]
+            split.append([mode, *shares, max(0.0, 1.0 - sum(shares))])
+    if split:
+        print(table("Where the worker rows spent their shard time (summed over repeats)",
+                    ["decode mode", *STAGES, "other"], split))
     if args.json:
         Path(args.json).write_text(json.dumps({"medians": med, "ratios": ratios, "args": vars(args)}, indent=2))
     return 0

@@ -33,7 +33,7 @@ from .layout import summary_url
 from .manifest import Manifest, ManifestMismatch, check_or_write_manifest
 from .plan import Plan, ShardTask, expand_urls, make_plan
 from .progress import Progress, ProgressState, format_duration
-from .worker import FAULT_KILL_AFTER, FAULT_MARKER, EncodeWorker, ShardResult, check_sizes
+from .worker import FAULT_KILL_AFTER, FAULT_MARKER, STAGES, EncodeWorker, ShardResult, check_sizes
 
 __all__ = ["EncodeSummary", "FailedShard", "EncodeActor", "connect_ray", "run_encode", "worker_resources"]
 
@@ -55,6 +55,10 @@ class FailedShard:
     error: str
 
 
+_STAGE_NAMES = {"decode_wait": "waiting for decoded images", "encode": "encoding", "write_wait": "waiting for the writer",
+                "commit": "committing", "other": "reading and batching"}
+
+
 @dataclass
 class EncodeSummary:
     """The outcome of one `encode` run (also written to OUTPUT/summary.json)."""
@@ -74,6 +78,9 @@ class EncodeSummary:
     images_per_second: float = 0.0
     started: str = ""
     finished: str = ""
+    #: Seconds the committed shards took, summed over shards, and how they split (`STAGES`).
+    shard_seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -91,6 +98,28 @@ class EncodeSummary:
         d["exit_code"] = self.exit_code
         return d
 
+    def stage_breakdown(self) -> dict[str, float]:
+        """Shares of the shards' time: each of `STAGES`, then "other" (reading, batching, rows)."""
+        if self.shard_seconds <= 0:
+            return {}
+        shares = {k: self.stage_seconds.get(k, 0.0) / self.shard_seconds for k in STAGES}
+        shares["other"] = max(0.0, 1.0 - sum(shares.values()))
+        return shares
+
+    def bottleneck(self) -> str:
+        """A one-line reading of `stage_breakdown`: which stage held the workers back."""
+        shares = self.stage_breakdown()
+        if not shares:
+            return ""
+        if shares["decode_wait"] >= 0.25:
+            return ("bottleneck: decoding (the encoder waited for images): give workers more CPUs "
+                    "(ray.num_cpus_per_worker) or, on GPUs, decode processes (ray.decode_mode)")
+        if shares["write_wait"] + shares["commit"] >= 0.25:
+            return "bottleneck: writing and uploading (the encoder waited for the writer): check the output storage"
+        if shares["encode"] >= 0.6:
+            return "bottleneck: the encoder (the device was busy): this is the pipeline's limit"
+        return ""
+
     def render(self) -> str:
         lines = [f"Encode summary for {self.output}: {self.status.upper()}"]
         lines.append(
@@ -103,6 +132,12 @@ class EncodeSummary:
             f"  time: {format_duration(self.seconds)}, {self.images_per_second:.1f} images/s on {self.workers} "
             f"worker(s), {self.retries} retr{'y' if self.retries == 1 else 'ies'}"
         )
+        stages = self.stage_breakdown()
+        if stages:
+            lines.append("  shard time: " + ", ".join(f"{_STAGE_NAMES[k]} {v:.0%}" for k, v in stages.items() if v >= 0.005))
+            hint = self.bottleneck()
+            if hint:
+                lines.append(f"  {hint}")
         if self.failed:
             lines.append("  failed shards:")
             for f in self.failed:
@@ -487,6 +522,9 @@ class _Driver:
         s.shards_committed += 1
         s.images += result.rows
         s.errors += result.errors
+        s.shard_seconds += result.seconds
+        for stage, secs in result.stage_seconds.items():
+            s.stage_seconds[stage] = s.stage_seconds.get(stage, 0.0) + secs
         reasons.update(result.errors_by_reason)
         self.state.shards_committed += 1
         self.state.errors += result.errors

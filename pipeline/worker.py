@@ -66,6 +66,14 @@ class ShardResult:
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     qa_rows: int = 0
     seconds: float = 0.0
+    #: Where the shard's thread spent its time (see `STAGES`): waiting for decoded images,
+    #: encoding (launching plus waiting for the device), waiting for the writer, committing.
+    #: The rest of `seconds` is reading the tar, batching and building rows.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+#: Keys of `ShardResult.stage_seconds`.
+STAGES = ("decode_wait", "encode", "write_wait", "commit")
 
 
 def qa_per_shard(samples: int, num_shards: int) -> int:
@@ -290,15 +298,19 @@ class EncodeWorker:
         )
         qa = _QASelector(qa_per_shard(self.config.qa.samples, num_shards))
         reasons: Counter[str] = Counter()
+        clock = dict.fromkeys(STAGES, 0.0)
         rows = 0
         with ShardWriter(
             out.path, name, fmt=out.format, dtype=out.dtype, storage_options=out.storage_options,
             manifest_info=self.manifest,
         ) as writer:
-            sink = _WriterThread(writer)
+            sink = _WriterThread(writer, clock)
 
             def finish(launched: _Launched) -> None:
                 nonlocal rows
+                t0 = time.perf_counter()
+                launched.result.wait()
+                clock["encode"] += time.perf_counter() - t0
                 latent_rows = self._rows(launched, url, qa)
                 sink.put(("rows", latent_rows))
                 rows += len(latent_rows)
@@ -310,24 +322,31 @@ class EncodeWorker:
                 # CUDA the encoder computes batch N while this thread collects decoded samples
                 # and builds the rows of batch N-1.
                 in_flight: _Launched | None = None
-                for batch in self._batches(reader, url, reasons, sink):
+                for batch in self._batches(reader, url, reasons, sink, clock):
+                    t0 = time.perf_counter()
                     launched = self._launch(batch, lane)
+                    clock["encode"] += time.perf_counter() - t0
                     if in_flight is not None:
                         finish(in_flight)
                     in_flight = launched
                 if in_flight is not None:
                     finish(in_flight)
+                t0 = time.perf_counter()
                 sink.close()
+                clock["write_wait"] += time.perf_counter() - t0
             except BaseException:
                 sink.abort()
                 raise
+            t0 = time.perf_counter()
             writer.add_qa_rows(qa.rows())
             record = writer.commit()
+            clock["commit"] = time.perf_counter() - t0
         seconds = time.monotonic() - start
         log.info("shard %s: %d rows, %d errors in %.1fs", name, record.rows, record.errors, seconds)
         return ShardResult(
             name=name, url=storage.redact(url), rows=record.rows, errors=record.errors,
             errors_by_reason=dict(reasons), qa_rows=record.qa_rows, seconds=seconds,
+            stage_seconds={k: round(v, 3) for k, v in clock.items()},
         )
 
     # -- read + decode + batch ---------------------------------------------------------------
@@ -339,7 +358,8 @@ class EncodeWorker:
             return ErrorRow(sample.key, "", result.stage, result.reason, result.message)
         return result
 
-    def _batches(self, reader: ShardReader, url: str, reasons: Counter[str], sink: _WriterThread):
+    def _batches(self, reader: ShardReader, url: str, reasons: Counter[str], sink: _WriterThread,
+                 clock: dict[str, float] | None = None):
         """Yield lists of (sample, preprocessed) of one target size, in a deterministic order.
 
         Samples go to the decode pool in chunks and come back in shard order; bad samples (from
@@ -382,7 +402,10 @@ class EncodeWorker:
                 return
             samples, future = entry
             queued -= len(samples)
+            t0 = time.perf_counter()
             results = self._decoder.result(future, [(s.key, s.image) for s in samples])
+            if clock is not None:
+                clock["decode_wait"] += time.perf_counter() - t0
             for sample, result in zip(samples, results):
                 ready = add(sample, result)
                 if ready:
@@ -487,6 +510,11 @@ class _PendingPosterior:
     def __init__(self, host: list[Any], event: Any = None):
         self._host = host
         self._event = event
+
+    def wait(self) -> None:
+        """Block until the device has finished this batch (no-op on CPU, where it already has)."""
+        if self._event is not None:
+            self._event.synchronize()
 
     def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
         if self._event is not None:
@@ -642,8 +670,9 @@ class _DeviceEncoder:
 class _WriterThread:
     """Feeds a ShardWriter from a bounded queue in its own thread (the writer is single-threaded)."""
 
-    def __init__(self, writer: ShardWriter, depth: int = 4):
+    def __init__(self, writer: ShardWriter, clock: dict[str, float] | None = None, depth: int = 4):
         self.writer = writer
+        self._clock = clock
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -667,14 +696,19 @@ class _WriterThread:
                 self.error = e
 
     def put(self, item: tuple[str, Any]) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        t0 = time.perf_counter()
+        try:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                try:
+                    self.queue.put(item, timeout=0.5)
+                    return
+                except queue.Full:
+                    continue
+        finally:
+            if self._clock is not None:
+                self._clock["write_wait"] += time.perf_counter() - t0
 
     def close(self) -> None:
         """Wait until everything queued is written; re-raise a write error."""

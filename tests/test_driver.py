@@ -53,6 +53,8 @@ def test_local_run_resume_and_worker_count_invariance(ray_local, sample_shards, 
     assert (summary.shards_total, summary.shards_committed, summary.images, summary.errors) == (3, 3, 12, 0)
     on_disk = json.loads((two / "summary.json").read_text())
     assert on_disk["exit_code"] == 0 and on_disk["shards_committed"] == 3 and on_disk["workers"] == 2
+    assert on_disk["stage_seconds"]["encode"] > 0 and on_disk["shard_seconds"] + 0.01 >= sum(on_disk["stage_seconds"].values())
+    assert "shard time: " in summary.render()
     assert (two / "manifest.json").exists() and committed_names(str(two)) == ["00000", "00001", "00002"]
     assert len(list((two / "qa" / "samples").glob("*.parquet"))) == 3  # ceil(4 / 3) = 2 per shard
     rows = pq.read_table(two / "shards" / "00001.parquet").to_pylist()
@@ -155,3 +157,21 @@ def test_progress_bar_on_tty_and_log_lines_otherwise(caplog, monkeypatch):
     assert plain.getvalue() == ""  # no carriage-return noise in log files
     assert sum("progress: 6/10 shards" in r.getMessage() for r in caplog.records) == 1
     assert [format_duration(s) for s in (12, 750, 7300, None)] == ["12s", "12m30s", "2h01m", "?"]
+
+
+def test_summary_names_the_bottleneck():
+    from pipeline.driver import EncodeSummary
+
+    def summary(**stages):
+        return EncodeSummary(output="out", shard_seconds=100.0, stage_seconds=stages)
+
+    decode_bound = summary(decode_wait=60.0, encode=30.0, write_wait=1.0, commit=2.0)
+    shares = decode_bound.stage_breakdown()
+    assert shares["decode_wait"] == 0.6 and abs(shares["other"] - 0.07) < 1e-9
+    text = decode_bound.render()
+    assert "shard time: waiting for decoded images 60%, encoding 30%, waiting for the writer 1%" in text
+    assert "bottleneck: decoding" in text and "ray.decode_mode" in text
+    assert "bottleneck: the encoder" in summary(decode_wait=2.0, encode=90.0).render()
+    assert "bottleneck: writing" in summary(encode=50.0, write_wait=20.0, commit=10.0).render()
+    assert summary(decode_wait=20.0, encode=40.0).bottleneck() == ""  # no stage stands out
+    assert "shard time" not in EncodeSummary(output="out").render()  # nothing committed: no line

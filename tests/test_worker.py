@@ -65,6 +65,9 @@ def test_shard_rows_match_the_encoder(sample_shards, tmp_path, tiny_model):
     assert tuple(first["target_size"]) == (64, 64) and tuple(first["original_size"]) == (80, 64)
     assert tuple(first["crop_top_left"]) == (8, 0)
     assert read_commit(str(out), "00000") is not None
+    # Where the shard's time went: the CPU encoder does the bulk of it; the parts fit in the total.
+    assert set(result.stage_seconds) == {"decode_wait", "encode", "write_wait", "commit"}
+    assert result.stage_seconds["encode"] > 0 and sum(result.stage_seconds.values()) <= result.seconds + 0.01
 
     # QA side table: the 2 keys with the smallest sha1, pixels exactly as encoded, fp32 mean
     qa = pq.read_table(f"{out}/qa/samples/00000.parquet").to_pylist()
