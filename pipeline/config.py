@@ -155,7 +155,8 @@ class RayConfig:
     #: and decoding overlap the last batches and the commit of the previous one), 1 on CPU actors
     #: (where two shards would only split the same cores).
     max_in_flight_per_worker: int | None = None
-    #: Decoders per actor (threads or processes, see decode_mode); unset: max(1, num_cpus_per_worker).
+    #: Decoders per actor (threads or processes, see decode_mode); unset: num_cpus_per_worker
+    #: (two fewer on GPU actors with 4 or more CPUs).
     decode_threads: int | None = None
     #: Where decoding runs: "threads" of the actor's process, or "processes" of its own (no GIL
     #: shared with the encoder's thread); "auto": processes on GPU actors with 8 or more decoders,

@@ -44,8 +44,8 @@ from .preprocess import Preprocessed, Preprocessor
 from .reader import Sample, SampleError, ShardReader
 from .writer import ErrorRow, LatentRow, QARow, ShardWriter
 
-__all__ = ["EncodeWorker", "ShardResult", "build_manifest", "qa_per_shard", "torch_threads", "FAULT_KILL_AFTER",
-           "FAULT_MARKER"]
+__all__ = ["EncodeWorker", "ShardResult", "build_manifest", "default_decoders", "qa_per_shard", "torch_threads",
+           "FAULT_KILL_AFTER", "FAULT_MARKER"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,14 @@ def torch_threads(device_type: str, cpus: float) -> int:
     return n if device_type == "cpu" else min(2, n)
 
 
+def default_decoders(device_type: str, cpus: float) -> int:
+    """Decoders of an encode worker when `ray.decode_threads` is unset: its CPUs; on a GPU with 4
+    or more CPUs, two fewer, left to the worker's own threads (reading, batching and kernel
+    launches; the writer), as the GPU benchmark runs it (14 decoders of 16 CPUs)."""
+    n = max(1, int(cpus))
+    return n - 2 if device_type != "cpu" and n >= 4 else n
+
+
 def check_sizes(config: JobConfig, factor: int) -> None:
     """Every target size must be divisible by the model's downsampling factor."""
     p = config.preprocess
@@ -225,7 +233,7 @@ class EncodeWorker:
         cpus = max(1, int(config.ray.num_cpus_per_worker))
         if set_threads:
             torch.set_num_threads(torch_threads(self.device.type, cpus))
-        self.decode_threads = config.ray.decode_threads or cpus
+        self.decode_threads = config.ray.decode_threads or default_decoders(self.device.type, cpus)
         self.model = model if model is not None else load_model(config.model)
         check_sizes(config, int(self.model.downsample_factor))
         self.model.prepare(

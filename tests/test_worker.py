@@ -201,7 +201,9 @@ def test_concurrent_shards_match_one_at_a_time(sample_shards, tmp_path, tiny_mod
             assert (alone / f).read_bytes() == (together / f).read_bytes(), f
 
 
-def test_torch_thread_rule():
-    from pipeline.worker import torch_threads
+def test_torch_thread_and_decoder_rules():
+    from pipeline.worker import default_decoders, torch_threads
 
     assert [torch_threads("cpu", 4), torch_threads("cpu", 0.5), torch_threads("cuda", 16), torch_threads("cuda", 1)] == [4, 1, 2, 1]
+    assert [default_decoders("cpu", 16), default_decoders("cuda", 16), default_decoders("cuda", 3),
+            default_decoders("cuda", 0.5)] == [16, 14, 3, 1]
