@@ -94,15 +94,15 @@ class ModelConfig:
     #: Channels-last memory format; "auto": on CPU (measured faster there), off on CUDA (slower
     #: on the H200 for the SD encoder).
     channels_last: bool | Literal["auto"] = "auto"
+    compile: bool = False
+    #: On CUDA, replay the encoder as a captured CUDA graph per batch shape (ignored with `compile`).
+    cuda_graphs: bool = True
 
     def channels_last_on(self, device_type: str) -> bool:
         """`channels_last` resolved for a device type ("cpu", "cuda", ...)."""
         if self.channels_last == "auto":
             return device_type == "cpu"
         return bool(self.channels_last)
-    compile: bool = False
-    #: On CUDA, replay the encoder as a captured CUDA graph per batch shape (ignored with `compile`).
-    cuda_graphs: bool = True
 
 
 @dataclass

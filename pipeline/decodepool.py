@@ -135,12 +135,13 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
     try:
         options, preprocessor, timeout = _read_message(inp)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        alarm = max(1, math.ceil(timeout)) if timeout else 0  # whole seconds; 0: none
         crash, hang = os.environ.get(FAULT_CRASH_KEY), os.environ.get(FAULT_HANG_KEY)
         while True:
             items = _read_message(inp)
             results = []
             for key, data in items:
-                signal.alarm(max(1, math.ceil(timeout)) if timeout else 0)
+                signal.alarm(alarm)
                 if crash is not None and key == crash:
                     os._exit(70)
                 if hang is not None and key == hang:
@@ -219,7 +220,7 @@ class _Child:
                 if item is None:
                     break
                 _write_message(stdin, item)
-        except (BrokenPipeError, OSError, ValueError):
+        except (OSError, ValueError):
             pass  # the reader sees the process end and fails what is pending
         finally:
             try:
@@ -333,20 +334,21 @@ class DecodePool:
             pass
         out: list[Preprocessed | DecodeFailure] = []
         for item in items:
-            for attempt in range(3):
+            try:
+                out.extend(self._alone(item))
+            except DecodeProcessDied:
                 try:
-                    out.extend(self.submit([item]).result())
-                    break
+                    out.extend(self._alone(item))
                 except DecodeProcessDied as e:
-                    # Alone in its chunk, the process died: this sample did it (twice: not chance).
-                    if attempt == 1:
-                        if e.code == -signal.SIGALRM:
-                            failure = DecodeFailure("decode", "timeout", f"decoding took more than {self.timeout:g} s")
-                        else:
-                            failure = DecodeFailure("decode", "crashed", "the decode process died while decoding this image")
-                        out.append(failure)
-                        break
+                    # Alone in its chunk, twice, the process died: this sample did it, not chance.
+                    if e.code == -signal.SIGALRM:
+                        out.append(DecodeFailure("decode", "timeout", f"decoding took more than {self.timeout:g} s"))
+                    else:
+                        out.append(DecodeFailure("decode", "crashed", "the decode process died while decoding this image"))
         return out
+
+    def _alone(self, item: tuple[str, bytes]) -> list[Preprocessed | DecodeFailure]:
+        return self.submit([item]).result()
 
     def _run_here(self, items: list[tuple[str, bytes]]) -> list[Preprocessed | DecodeFailure]:
         return [prepare(data, key, self.options, self.preprocessor) for key, data in items]

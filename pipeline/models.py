@@ -36,7 +36,8 @@ def local_weights(url: str, storage_options: dict[str, Any] | None = None) -> st
     if storage.is_local(fs):
         return path
     version = hashlib.sha1(url.encode())
-    files = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    is_dir = fs.isdir(path)
+    files = fs.find(path, detail=True) if is_dir else {path: fs.info(path)}
     if not files:
         raise FileNotFoundError(f"model.weights: nothing found at {storage.redact(url)}")
     for name in sorted(files):
@@ -48,7 +49,7 @@ def local_weights(url: str, storage_options: dict[str, Any] | None = None) -> st
     if not os.path.exists(target):
         os.makedirs(cache, exist_ok=True)
         partial = f"{target}.{os.getpid()}.partial"
-        fs.get(path, partial, recursive=fs.isdir(path))
+        fs.get(path, partial, recursive=is_dir)
         try:
             os.replace(partial, target)
         except OSError:

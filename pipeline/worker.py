@@ -367,7 +367,7 @@ class EncodeWorker:
         return result
 
     def _batches(self, reader: ShardReader, url: str, reasons: Counter[str], sink: _WriterThread,
-                 clock: dict[str, float] | None = None):
+                 clock: dict[str, float]):
         """Yield lists of (sample, preprocessed) of one target size, in a deterministic order.
 
         Samples go to the decode pool in chunks and come back in shard order; bad samples (from
@@ -412,8 +412,7 @@ class EncodeWorker:
             queued -= len(samples)
             t0 = time.perf_counter()
             results = self._decoder.result(future, [(s.key, s.image) for s in samples])
-            if clock is not None:
-                clock["decode_wait"] += time.perf_counter() - t0
+            clock["decode_wait"] += time.perf_counter() - t0
             for sample, result in zip(samples, results):
                 ready = add(sample, result)
                 if ready:
@@ -678,7 +677,7 @@ class _DeviceEncoder:
 class _WriterThread:
     """Feeds a ShardWriter from a bounded queue in its own thread (the writer is single-threaded)."""
 
-    def __init__(self, writer: ShardWriter, clock: dict[str, float] | None = None, depth: int = 4):
+    def __init__(self, writer: ShardWriter, clock: dict[str, float], depth: int = 4):
         self.writer = writer
         self._clock = clock
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -715,8 +714,7 @@ class _WriterThread:
                 except queue.Full:
                     continue
         finally:
-            if self._clock is not None:
-                self._clock["write_wait"] += time.perf_counter() - t0
+            self._clock["write_wait"] += time.perf_counter() - t0
 
     def close(self) -> None:
         """Wait until everything queued is written; re-raise a write error."""
