@@ -4,8 +4,8 @@
 
 On the same shards, model and worker resources it measures, as medians over `--repeats` runs:
 
-  decode   read + decode + preprocess only (the worker's reader, decoder and preprocessor in a
-           thread pool of `decode_threads`), no encoder
+  decode   read + decode + preprocess + batching only: the worker's own `_batches` (its reader
+           and its pool of `decode_threads` threads or processes), no encoder
   encode   the encoder alone on pre-decoded uint8 pixels, batch by batch (host->device included)
   worker   one `EncodeWorker` over all shards: read, decode, encode, write, commit
   job      what `python -m pipeline encode` runs (`run_encode`, one worker) in a process that has
@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -68,42 +68,30 @@ def build_config(args, shards: list[str], out: str, decode_mode: str = "auto"):
     })
 
 
+class _NoLedger:
+    """Stands in for the worker's writer thread: decode-only runs write no ledger."""
+
+    def put(self, item) -> None:
+        pass
+
+
 def decode_shard(worker, url: str, stop=None) -> int:
-    """Read + decode + preprocess one shard with the worker's own reader and decode pool (its
-    threads or processes, its chunking, a window as deep as the worker's); the prepared count."""
-    from pipeline.decodepool import DecodeFailure
-    from pipeline.reader import Sample, ShardReader
+    """Read + decode + preprocess one shard through the worker's own `_batches` (its reader, its
+    decode pool of threads or processes, its chunking and window), without the encoder; the count
+    of prepared images, up to `stop`."""
+    from pipeline.reader import ShardReader
+    from pipeline.worker import STAGES
 
     cfg = worker.config
-    pool = worker._decoder
-    depth = worker.decode_threads * max(4, 2 * pool.chunk)
-    window: deque = deque()
-    queued = n = 0
-    chunk: list = []
-
-    def collect() -> int:
-        items, future = window.popleft()
-        return sum(1 for r in pool.result(future, items) if not isinstance(r, DecodeFailure))
-
     reader = ShardReader(url, cfg.input.storage_options, image_exts=cfg.input.image_exts,
                          caption_key=cfg.input.caption_key)
-    for s in reader:
+    batches = worker._batches(reader, url, Counter(), _NoLedger(), dict.fromkeys(STAGES, 0.0))
+    n = 0
+    for batch in batches:
         if stop is not None and stop.is_set():
+            batches.close()
             break
-        if isinstance(s, Sample):
-            chunk.append((s.key, s.image))
-        if len(chunk) >= pool.chunk:
-            window.append((chunk, pool.submit(chunk)))
-            queued += len(chunk)
-            chunk = []
-        while queued >= depth:
-            queued -= len(window[0][0])
-            n += collect()
-    if chunk:
-        window.append((chunk, pool.submit(chunk)))
-    while window:
-        done = collect()
-        n += 0 if stop is not None and stop.is_set() else done
+        n += len(batch)
     return n
 
 
@@ -163,11 +151,9 @@ def concurrent_limits(worker, shards: list[str], batches: list[np.ndarray], seco
     return counts["decode"] / seconds, counts["encode"] / seconds
 
 
-#: Per worker: seconds of its shards and their split into stages, summed over the worker rows.
-STAGE_TIME: dict[int, dict[str, float]] = {}
-
-
-def worker_e2e(worker, shards: list[str], out_root: str) -> int:
+def worker_e2e(worker, shards: list[str], out_root: str, stage_time: dict[str, float]) -> int:
+    """Images of one `EncodeWorker` run over `shards`; adds its shard seconds and their split into
+    stages to `stage_time`."""
     from pipeline.storage import filesystem
 
     fs, path = filesystem(out_root)
@@ -176,11 +162,10 @@ def worker_e2e(worker, shards: list[str], out_root: str) -> int:
     # As an actor runs them: `worker.concurrency` shards at a time (2 on CUDA, 1 on CPU by default).
     with ThreadPoolExecutor(worker.concurrency) as pool:
         results = list(pool.map(lambda url: worker.process_shard(url, Path(url).stem, num_shards=len(shards)), shards))
-    acc = STAGE_TIME.setdefault(id(worker), {})
     for r in results:
-        acc["shards"] = acc.get("shards", 0.0) + r.seconds
+        stage_time["shards"] = stage_time.get("shards", 0.0) + r.seconds
         for k, v in r.stage_seconds.items():
-            acc[k] = acc.get(k, 0.0) + v
+            stage_time[k] = stage_time.get(k, 0.0) + v
     return sum(r.rows for r in results)
 
 
@@ -289,10 +274,13 @@ def main(argv=None) -> int:
     def label(name: str, mode: str) -> str:
         return name if len(workers) == 1 else f"{name} [{mode}]"
 
+    # Per decode mode: seconds of the worker rows' shards and their split into stages.
+    stage_time: dict[str, dict[str, float]] = {mode: {} for mode in workers}
     variants = [("encode", lambda: encode_only(worker, batches))]
     for mode, w in workers.items():
         variants += [(label("decode", mode), lambda w=w: decode_only(w, shards)),
-                     (label("worker", mode), lambda w=w: worker_e2e(w, shards, str(workdir / "worker-out")))]
+                     (label("worker", mode),
+                      lambda w=w, mode=mode: worker_e2e(w, shards, str(workdir / "worker-out"), stage_time[mode]))]
     rates: dict[str, list[float]] = {name: [] for name, _ in variants}
     for mode in workers:
         rates[label("decode, concurrent", mode)] = []
@@ -345,8 +333,7 @@ def main(argv=None) -> int:
     from pipeline.worker import STAGES
 
     split = []
-    for mode, w in workers.items():
-        acc = STAGE_TIME.get(id(w), {})
+    for mode, acc in stage_time.items():
         total = acc.get("shards", 0.0)
         if total > 0:
             shares = [acc.get(k, 0.0) / total for k in STAGES]
