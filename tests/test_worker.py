@@ -207,3 +207,14 @@ def test_torch_thread_and_decoder_rules():
     assert [torch_threads("cpu", 4), torch_threads("cpu", 0.5), torch_threads("cuda", 16), torch_threads("cuda", 1)] == [4, 1, 2, 1]
     assert [default_decoders("cpu", 16), default_decoders("cuda", 16), default_decoders("cuda", 3),
             default_decoders("cuda", 0.5)] == [16, 14, 3, 1]
+
+
+def test_channels_last_auto_is_on_for_cpu_workers(tmp_path):
+    from latentae import AutoencoderKL
+
+    auto = EncodeWorker(_config("x.tar", tmp_path / "a"), device="cpu", model=AutoencoderKL.from_preset("tiny"))
+    off = EncodeWorker(_config("x.tar", tmp_path / "b", model={"channels_last": False}), device="cpu",
+                       model=AutoencoderKL.from_preset("tiny"))
+    assert auto.model._channels_last and not off.model._channels_last
+    weight = auto.model.encoder.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
