@@ -3,10 +3,13 @@
     python -m benchmarks.bench_raydata [--preset tiny --resolution 128 --shards 4 --per-shard 128]
 
 The peer is written the way the Ray Data preprocessing examples for Stable Diffusion write it:
-`ray.data.read_webdataset` -> a CPU `map_batches` that resizes and center-crops -> an Encoder
-class in `map_batches` (an actor pool, with the GPUs) -> `write_parquet`. Ray Data fuses the two
-`map_batches` into one actor (both ask for one CPU), so decoding happens in the read tasks and
-preprocessing + encoding in that actor.
+`ray.data.read_webdataset` -> a CPU `map_batches` that decodes, resizes and center-crops -> an
+Encoder class in `map_batches` (an actor pool, with the GPUs) -> `write_parquet`. The read tasks
+hand over the JPEG bytes (`decoder=None`): with the default decoder they hand over whole decoded
+images, and Ray Data cannot batch decoded images of different shapes (see the comment in the
+script). The preprocessing tasks may run on all `--cpus` (`concurrency`), which also keeps Ray
+Data from fusing them into the Encoder's actor, so they decode beside the encoder as they do on
+a GPU node.
 
 Both sides are measured the same way:
 
@@ -14,9 +17,10 @@ Both sides are measured the same way:
   `--cpus` and GPUs; the clock starts after `ray.init` returns and stops when the output is
   written, so both figures include starting the encode actor and loading the model (ours:
   `pipeline.driver.run_encode`, exactly what `python -m pipeline encode` runs after Ray is up);
-* both encoders use the same model, dtype, memory format, batch size and torch thread count (on a CPU-only
-  machine: `--cpus` threads; the peer's actor reserves one logical CPU so that its read tasks
-  can run at all, ours reserves all of them, but the physical threads are the same);
+* both encoders use the same model, dtype, memory format, batch size and torch thread count (on a
+  CPU-only machine: `--cpus` threads, and the peer's Encoder reserves no logical CPU so that its
+  preprocessing may use them all, as our decoders do; with a GPU it reserves one, as the peers
+  write it);
 * peak memory is the largest sum of PSS over the job's whole process tree (driver, raylet,
   GCS, workers, object store pages counted once), sampled every 0.5 s.
 
@@ -67,8 +71,7 @@ res = args["resolution"]
 def preprocess(batch):
     out = []
     for data in batch["jpg"]:
-        # read_webdataset's default decoder hands over HWC uint8 arrays.
-        img = Image.fromarray(data).convert("RGB") if isinstance(data, np.ndarray) else Image.open(io.BytesIO(data)).convert("RGB")
+        img = Image.open(io.BytesIO(data)).convert("RGB")
         w, h = img.size
         s = res / min(w, h)
         img = img.resize((max(res, round(w * s)), max(res, round(h * s))), Image.LANCZOS)
@@ -95,8 +98,12 @@ class Encoder:
         return {"key": batch["key"], "latent": list(mean.reshape(len(mean), -1).astype(np.float16))}
 
 t0 = time.perf_counter()
-ds = ray.data.read_webdataset(args["shards"])
-ds = ds.map_batches(preprocess, batch_size=args["batch"], num_cpus=1)
+# decoder=None: the JPEG bytes go to the preprocessing tasks. With read_webdataset's default
+# decoder the read tasks hand over whole decoded images, and Ray Data fails to batch images of
+# different shapes that share a dimension (ValueError: could not broadcast ... in
+# _concat_same_type), which a web-scale shard always holds.
+ds = ray.data.read_webdataset(args["shards"], decoder=None)
+ds = ds.map_batches(preprocess, batch_size=args["batch"], num_cpus=1, concurrency=args["cpus"])
 ds = ds.map_batches(Encoder, batch_size=args["batch"], concurrency=1, num_cpus=args["encoder_cpus"], num_gpus=args["gpus"])
 ds.write_parquet(args["out"])
 seconds = time.perf_counter() - t0
@@ -138,8 +145,11 @@ def run_peer(args, shards: list[str], out: Path) -> dict:
     gpus = 1 if args.device.startswith("cuda") else 0
     payload = {"shards": shards, "out": str(out), "cpus": args.cpus, "gpus": gpus, "resolution": args.resolution,
                "preset": args.preset, "dtype": args.dtype, "batch": args.batch,
-               # One logical CPU for the (fused) Encoder actor leaves the rest to the read tasks.
-               "encoder_cpus": 1, "torch_threads": _torch_threads(args), "channels_last": _channels_last(args)}
+               # With a GPU the Encoder actor asks for one CPU, as the peers write it, and the
+               # preprocessing tasks get the rest. Without one its torch threads already span all
+               # CPUs (as ours do), so it reserves none: the preprocessing tasks may then run on
+               # every CPU too, as our decoders do, and the OS shares the cores on both sides.
+               "encoder_cpus": 1 if gpus else 0, "torch_threads": _torch_threads(args), "channels_last": _channels_last(args)}
     return _run(_PEER, payload)
 
 
@@ -167,6 +177,9 @@ def main(argv=None) -> int:
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--per-shard", type=int, default=128)
+    p.add_argument("--source-side", type=int, default=0,
+                   help="shorter side of the JPEGs in px (default: 1.25 x --resolution); web-scale shards "
+                        "hold images several times larger than the training resolution")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"],
@@ -179,7 +192,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-raydata-"))
-    shards = make_bench_shards(workdir / "shards", args.shards, args.per_shard, int(args.resolution * 1.25))
+    source_side = args.source_side or int(args.resolution * 1.25)
+    shards = make_bench_shards(workdir / "shards", args.shards, args.per_shard, source_side)
     results: dict[str, list[dict]] = {"ours": [], "ray-data": []}
     variants = [("ours", lambda: run_ours(args, shards, workdir)),
                 ("ray-data", lambda: run_peer(args, shards, workdir / "peer-out"))]
@@ -196,7 +210,7 @@ def main(argv=None) -> int:
     measure = results["ours"][0]["memory_measure"].upper()
     print(table(
         f"Ours vs the Ray Data way: {args.preset} @ {args.resolution}px, {args.dtype}, batch {args.batch}, "
-        f"{args.device}, {args.cpus} CPUs, {args.shards * args.per_shard} images x {args.repeats} repeats",
+        f"{args.device}, {args.cpus} CPUs, {args.shards * args.per_shard} JPEGs of {source_side}px x {args.repeats} repeats",
         ["pipeline", "images", "images/s (median)", "range", f"peak {measure} MiB (median)"],
         [[k, int(v["images"]), v["rate"], f"{min(r['rate'] for r in results[k]):.1f}-{max(r['rate'] for r in results[k]):.1f}",
           v["peak_mb"]] for k, v in med.items()]))
