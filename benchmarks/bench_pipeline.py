@@ -27,6 +27,11 @@ always uses the worker's own thread rule (torch threads = decode threads = CPUs)
 
 `--decode-mode threads,processes` measures the decode and worker rows once per decode mode, side
 by side in the same run (`ray.decode_mode`); `--shards-at-once N` sets `ray.max_in_flight_per_worker`.
+
+Each row also shows the CPU time of the benchmark's own process per image (all its threads; not
+its decode processes). For the decode rows in processes mode that is what the worker's process
+itself spends per image (reading the tar, feeding the pipes, batching): on a GPU it runs next
+to the encoder's launching thread and must stay small.
 """
 
 from __future__ import annotations
@@ -282,6 +287,8 @@ def main(argv=None) -> int:
                      (label("worker", mode),
                       lambda w=w, mode=mode: worker_e2e(w, shards, str(workdir / "worker-out"), stage_time[mode]))]
     rates: dict[str, list[float]] = {name: [] for name, _ in variants}
+    # CPU time of this process (all its threads, not its decode processes) per image.
+    cpu_ms: dict[str, list[float]] = {name: [] for name, _ in variants}
     for mode in workers:
         rates[label("decode, concurrent", mode)] = []
         rates[label("encode, concurrent", mode)] = []
@@ -292,9 +299,10 @@ def main(argv=None) -> int:
         # Interleaved (and the order rotated) so that machine noise hits every variant alike.
         k = i % len(variants)
         for name, fn in variants[k:] + variants[:k]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             n = fn()
             rates[name].append(n / (time.perf_counter() - t0))
+            cpu_ms[name].append((time.process_time() - c0) / max(n, 1) * 1e3)
         for mode, w in workers.items():
             both = concurrent_limits(w, shards, batches, args.concurrent_seconds)
             rates[label("decode, concurrent", mode)].append(both[0])
@@ -305,14 +313,15 @@ def main(argv=None) -> int:
         w.close()
 
     med = {k: median(v) for k, v in rates.items()}
-    rows = [[k, med[k], f"{min(v):.1f}-{max(v):.1f}"] for k, v in rates.items()]
+    rows = [[k, med[k], f"{min(v):.1f}-{max(v):.1f}", f"{median(cpu_ms[k]):.3f}" if cpu_ms.get(k) else "-"]
+            for k, v in rates.items()]
     print(table(
         f"Pipeline efficiency: {args.preset} @ {args.resolution}px, {args.dtype}, batch {args.batch}, "
         f"{args.device}, {args.cpus:g} CPUs (encoder threads {encoder_threads}, "
         + ", ".join(f"decode {w.decode_mode} x{w.decode_threads}" for w in workers.values())
         + f", CUDA graphs {worker._encoder.cuda_graphs}, shards at a time {worker.concurrency}), "
         f"JPEG side {source}, {total} images x {args.repeats} repeats",
-        ["stage", "images/s (median)", "range"], rows))
+        ["stage", "images/s (median)", "range", "worker process CPU ms/image"], rows))
     ratios = {}
     for mode in workers:
         dec, wrk = med[label("decode", mode)], med[label("worker", mode)]

@@ -18,6 +18,7 @@ BENCHES = [
     ["benchmarks.bench_pipeline", "--preset", "tiny", "--resolution", "64", "--source-side", "2048", "--shards", "2",
      "--per-shard", "128", "--encoder-threads", "1", "--decode-threads", "1", "--cpus", "2", "--no-job",
      "--decode-mode", "threads,processes", "--repeats", "5"],
+    ["benchmarks.bench_reader"],
     ["benchmarks.bench_decode", "--resolution", "256", "--source-sides", "320,640", "--decoders", "1,2"],
     ["benchmarks.bench_raydata", "--preset", "tiny", "--resolution", "128", "--shards", "4", "--per-shard", "128",
      "--repeats", "5"],

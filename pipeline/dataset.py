@@ -24,7 +24,6 @@ import json
 import os
 import queue
 import random
-import tarfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from . import storage
 from .commit import CommitRecord, committed_records
 from .manifest import Manifest, read_manifest
+from .tarstream import open_members
 from .writer import LATENT_COLUMNS, from_storage
 
 __all__ = ["LatentDataset", "DatasetError", "bucket_batches", "collate", "iter_shard_rows", "resolve_rank"]
@@ -142,22 +142,19 @@ def _tar_rows(fileobj, dtype: str, columns: set[str]) -> Iterator[dict[str, Any]
                 row[col] = from_storage(np.load(io.BytesIO(blob), allow_pickle=False), record.get("dtype", dtype))
         return row
 
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            suffix = next((s for s in _TAR_SUFFIXES if member.name.endswith(s)), None)
-            if suffix is None:
-                continue
-            key = member.name[: -len(suffix)]
-            if key != current:
-                if current is not None and ".json" in parts:
-                    yield emit()
-                current, parts = key, {}
-            f = tar.extractfile(member)
-            parts[suffix] = f.read() if f is not None else b""
-        if current is not None and ".json" in parts:
-            yield emit()
+    # The project's tar reader: a damaged header fails the read instead of ending it early.
+    for name, _, read in open_members(fileobj):
+        suffix = next((s for s in _TAR_SUFFIXES if name.endswith(s)), None)
+        if suffix is None:
+            continue
+        key = name[: -len(suffix)]
+        if key != current:
+            if current is not None and ".json" in parts:
+                yield emit()
+            current, parts = key, {}
+        parts[suffix] = read()
+    if current is not None and ".json" in parts:
+        yield emit()
 
 
 def _shard_url(root: str, record: CommitRecord) -> str:

@@ -5,8 +5,9 @@ Reading
     block size and background prefetch of the next block, so one tar costs a few large ranged
     GETs instead of thousands of small ones, and memory stays bounded (two blocks plus the
     members of one sample) whatever the shard size. The tar is read strictly sequentially
-    (``tarfile`` stream mode, gzip/bz2/xz tars included); members the job does not need
-    (``.cls``, ``.npy``, ...) are skipped without being kept in memory.
+    (`pipeline.tarstream`: a lean parser of ustar/GNU/pax headers; gzip/bz2/xz tars through
+    ``tarfile``'s stream mode); members the job does not need (``.cls``, ``.npy``, ...) are
+    skipped without being kept in memory.
 
 Grouping (what WebDataset does, plus checks WebDataset does not make)
     A member ``dir/abc.def.jpg`` has key ``dir/abc`` (the path up to the first dot of the file
@@ -29,7 +30,7 @@ Grouping (what WebDataset does, plus checks WebDataset does not make)
     * a needed member over `max_member_bytes` -> ledger row ``member_too_large``;
     * members without an extension, directories and links are not samples and are skipped.
 
-    A tar that cannot be read to its end (truncated, not a tar) raises `ShardReadError`: the
+    A tar that cannot be read to its end (truncated, damaged, not a tar) raises `ShardReadError`: the
     shard fails (and is retried) rather than committing a partial shard.
 """
 
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import storage
+from .tarstream import open_members
 
 __all__ = ["Sample", "SampleError", "ShardReadError", "ShardReader", "split_member_name"]
 
@@ -148,35 +150,29 @@ class ShardReader:
         key: str | None = None
         members: dict[str, bytes] = {}
         problems: list[tuple[str, str]] = []
-        with tarfile.open(fileobj=f, mode="r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                parts = split_member_name(info.name)
-                if parts is None:
-                    log.debug("%s: member %r has no extension; skipped", storage.redact(self.url), info.name)
-                    continue
-                member_key, ext = parts
-                if member_key != key:
-                    if key is not None:
-                        yield self._finish(key, index, members, problems, seen)
-                        index += 1
-                    key, members, problems = member_key, {}, []
-                ext_l = ext.lower()
-                if not self._wanted(ext_l):
-                    continue
-                if ext_l in members:
-                    problems.append(("duplicate_member", f"member {info.name!r} appears twice in sample {key!r}"))
-                    continue
-                if info.size > self.max_member_bytes:
-                    problems.append(
-                        ("member_too_large", f"member {info.name!r} has {info.size} bytes > {self.max_member_bytes}")
-                    )
-                    continue
-                fobj = tar.extractfile(info)
-                members[ext_l] = fobj.read() if fobj is not None else b""
-            if key is not None:
-                yield self._finish(key, index, members, problems, seen)
+        for name, size, read in open_members(f):
+            parts = split_member_name(name)
+            if parts is None:
+                log.debug("%s: member %r has no extension; skipped", storage.redact(self.url), name)
+                continue
+            member_key, ext = parts
+            if member_key != key:
+                if key is not None:
+                    yield self._finish(key, index, members, problems, seen)
+                    index += 1
+                key, members, problems = member_key, {}, []
+            ext_l = ext.lower()
+            if not self._wanted(ext_l):
+                continue
+            if ext_l in members:
+                problems.append(("duplicate_member", f"member {name!r} appears twice in sample {key!r}"))
+                continue
+            if size > self.max_member_bytes:
+                problems.append(("member_too_large", f"member {name!r} has {size} bytes > {self.max_member_bytes}"))
+                continue
+            members[ext_l] = read()
+        if key is not None:
+            yield self._finish(key, index, members, problems, seen)
 
     def _finish(
         self,

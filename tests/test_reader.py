@@ -71,6 +71,15 @@ def test_member_size_limit_and_broken_tars(tmp_path):
     (tmp_path / "trunc.tar").write_bytes(data[: 512 + 50])
     with pytest.raises(ShardReadError, match="trunc.tar"):
         _read(tmp_path / "trunc.tar")
+    # A damaged header after the first sample: the shard fails (to be retried), it does not
+    # end early with the samples behind the damage silently missing.
+    damaged = bytearray(data)
+    second = 512 + 512  # the header of b.jpg, after a.jpg's header and its one data block
+    assert damaged[second : second + 5] == b"b.jpg"
+    damaged[second] ^= 0x01
+    (tmp_path / "damaged.tar").write_bytes(bytes(damaged))
+    with pytest.raises(ShardReadError, match="damaged.tar.*checksum"):
+        _read(tmp_path / "damaged.tar")
     (tmp_path / "junk.tar").write_bytes(b"this is not a tar file" * 40)
     with pytest.raises(ShardReadError, match="junk.tar"):
         _read(tmp_path / "junk.tar")
