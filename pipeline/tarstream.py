@@ -10,7 +10,7 @@ field:
   records; GNU long names (``L``); sizes in octal or in GNU base-256;
 * header checksums are verified (unsigned or signed sum, as `tarfile` accepts);
 * directories, links, devices and FIFOs are skipped; so are GNU sparse files (their stored data
-  is not the file) and global pax headers;
+  is not the file), global pax headers and types this reader does not know (their data too);
 * the end is two zero blocks or, as `tarfile` accepts too, the end of the stream at a header;
 * a header that is cut short or fails its checksum after the first one is an error. `tarfile`'s
   stream mode takes it for the end of the archive and says nothing, which would commit a shard
@@ -33,6 +33,9 @@ __all__ = ["TarStream", "open_members"]
 BLOCK = 512
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 _REGULAR = (b"0", b"\x00", b"7")
+# Links, devices, directories and FIFOs: no data follows their header. Every other type (regular,
+# sparse, GNU dump directories, vendor types) is followed by `size` bytes, as `tarfile` reads it.
+_NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
 _SKIP_CHUNK = 1 << 20
 
 
@@ -176,11 +179,11 @@ class TarStream:
                 except ValueError:
                     raise tarfile.ReadError(f"invalid pax header: size {pax['size']!r}") from None
             pax, long_name = {}, None
-            # Only regular files carry their data after the header; links and the like have
-            # none, and a sparse file's stored data is not its content.
-            self._left = size if kind in _REGULAR or kind == b"S" else 0
+            self._left = 0 if kind in _NO_DATA else size
             self._pad = -self._left % BLOCK
-            if kind in _REGULAR:
+            # A sparse file's stored data is not its content; an old-style entry whose name ends
+            # in "/" is a directory.
+            if kind in _REGULAR and not (kind == b"\x00" and name.endswith("/")):
                 yield name, size
 
 

@@ -138,6 +138,27 @@ def test_signed_checksum_and_base256_size():
     assert _number(b"\x00" * 12, "size") == 0
 
 
+def _fix_checksum(data: bytearray, at: int) -> None:
+    data[at + 148 : at + 156] = b" " * 8
+    data[at + 148 : at + 156] = b"%06o\x00 " % sum(data[at : at + 512])
+
+
+def test_unknown_types_and_old_directories_are_skipped_with_their_data():
+    data = bytearray(_tar([("a.jpg", b"A" * 600), ("dump", b"D" * 700), ("b.jpg", b"B" * 5)], fmt=tarfile.GNU_FORMAT))
+    second = 512 + 1024  # a.jpg's header and its two data blocks
+    assert data[second : second + 4] == b"dump"
+    data[second + 156 : second + 157] = b"D"  # a GNU dump directory: data follows its header
+
+    _fix_checksum(data, second)
+    ours = _ours(bytes(data))
+    assert ours == _reference(bytes(data)) == [("a.jpg", b"A" * 600), ("b.jpg", b"B" * 5)]
+    # An old (pre-POSIX) tar marks a directory by a name ending in "/" and type NUL.
+    old = bytearray(_tar([("dir/", b""), ("dir/c.jpg", b"C")], fmt=tarfile.USTAR_FORMAT))
+    old[156:157] = b"\x00"
+    _fix_checksum(old, 0)
+    assert _ours(bytes(old)) == _reference(bytes(old)) == [("dir/c.jpg", b"C")]
+
+
 def test_pax_size_and_path_records():
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
