@@ -75,11 +75,12 @@ def main(argv=None) -> int:
     measured_peak = matmul_tflops()
     result = {
         "preset": args.preset, "resolution": args.resolution, "batch": args.batch, "compile": args.compile,
-        "gflop_per_image": flops / 1e9, "images_per_s": rate, "achieved_tflops": achieved,
+        "channels_last": args.channels_last, "gflop_per_image": flops / 1e9, "images_per_s": rate, "achieved_tflops": achieved,
         "fraction_of_datasheet_peak": achieved / args.peak_tflops,
         "matmul_tflops_measured": measured_peak, "fraction_of_measured_matmul": achieved / measured_peak,
     }
-    print(f"encoder {args.preset} @ {args.resolution}px bf16 batch {args.batch}{' compiled' if args.compile else ''}: "
+    print(f"encoder {args.preset} @ {args.resolution}px bf16 batch {args.batch}{' compiled' if args.compile else ''}"
+          f"{' channels-last' if args.channels_last else ''}: "
           f"{flops / 1e9:.1f} GFLOP/image, {rate:.1f} images/s = {achieved:.1f} TFLOP/s = "
           f"{100 * achieved / args.peak_tflops:.1f}% of {args.peak_tflops:g} (datasheet), "
           f"{100 * achieved / measured_peak:.1f}% of the measured bf16 matmul ({measured_peak:.0f} TFLOP/s)")
