@@ -12,6 +12,7 @@ field:
 * directories, links, devices and FIFOs are skipped; so are GNU sparse files (their stored data
   is not the file), global pax headers and types this reader does not know (their data too);
 * the end is two zero blocks or, as `tarfile` accepts too, the end of the stream at a header;
+* a pax or GNU long-name header over `MAX_HEADER_MEMBER` bytes is an error, not read into memory;
 * a header that is cut short or fails its checksum after the first one is an error. `tarfile`'s
   stream mode takes it for the end of the archive and says nothing, which would commit a shard
   without the samples behind it.
@@ -37,6 +38,8 @@ _REGULAR = (b"0", b"\x00", b"7")
 # sparse, GNU dump directories, vendor types) is followed by `size` bytes, as `tarfile` reads it.
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
 _SKIP_CHUNK = 1 << 20
+#: Largest pax or GNU long-name header member read into memory (real ones are a few hundred bytes).
+MAX_HEADER_MEMBER = 1 << 20
 
 
 def _number(field: bytes, what: str) -> int:
@@ -115,6 +118,8 @@ class TarStream:
 
     def _data(self, size: int, what: str) -> bytes:
         """The whole data of a header member (pax, long name) and its padding."""
+        if size > MAX_HEADER_MEMBER:
+            raise tarfile.ReadError(f"invalid header: {what} of {size} bytes")
         data = self._read_exact(size, what)
         self._skip(-size % BLOCK)
         return data
@@ -162,7 +167,7 @@ class TarStream:
                 long_name = _name(self._data(size, "a GNU long name"))
                 continue
             if kind in (b"g", b"K"):
-                self._data(size, "a header member")
+                self._skip(size + -size % BLOCK)
                 continue
             name = _name(buf[0:100])
             if buf[257:265] == b"ustar\x0000":

@@ -159,6 +159,15 @@ def test_unknown_types_and_old_directories_are_skipped_with_their_data():
     assert _ours(bytes(old)) == _reference(bytes(old)) == [("dir/c.jpg", b"C")]
 
 
+def test_a_huge_pax_header_is_refused_not_read():
+    header = bytearray(_tar([("a.jpg", b"1")]))[:512]
+    header[156:157] = b"x"
+    header[124:136] = b"%011o\x00" % (1 << 30)  # a 1 GiB pax header
+    _fix_checksum(header, 0)
+    with pytest.raises(tarfile.ReadError, match="pax header of 1073741824 bytes"):
+        _ours(bytes(header) + bytes(4096))
+
+
 def test_pax_size_and_path_records():
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
