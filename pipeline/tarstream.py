@@ -93,13 +93,27 @@ class TarStream:
         self._left = 0  # unread bytes of the current member
         self._pad = 0  # padding after it
 
-    def _read_exact(self, n: int, what: str) -> bytes:
+    def _take(self, n: int) -> bytes:
+        """Up to `n` bytes: fewer only at the end of the stream (a network stream or a pipe may
+        return less than asked for on one read; keep reading)."""
         if self._head:
             data, self._head = self._head[:n], self._head[n:]
-            if len(data) < n:
-                data += self._f.read(n - len(data))
         else:
             data = self._f.read(n)
+        if len(data) == n or not data:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < n:
+            more = self._f.read(n - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def _read_exact(self, n: int, what: str) -> bytes:
+        data = self._take(n)
         if len(data) < n:
             raise tarfile.ReadError(f"unexpected end of data in {what} ({len(data)} of {n} bytes)")
         return data
@@ -126,16 +140,11 @@ class TarStream:
 
     def _header(self) -> bytes | None:
         """The next header block, or None at the end of the archive."""
-        if self._head:
-            buf = self._read_exact(BLOCK, "a header")
-        else:
-            buf = self._f.read(BLOCK)
-            if not buf:
-                return None  # no end-of-archive blocks: tarfile accepts that too
-            if len(buf) < BLOCK:
-                buf += self._f.read(BLOCK - len(buf))
-                if len(buf) < BLOCK:
-                    raise tarfile.ReadError(f"unexpected end of data in a header ({len(buf)} of {BLOCK} bytes)")
+        buf = self._take(BLOCK)
+        if not buf:
+            return None  # no end-of-archive blocks: tarfile accepts that too
+        if len(buf) < BLOCK:
+            raise tarfile.ReadError(f"unexpected end of data in a header ({len(buf)} of {BLOCK} bytes)")
         if buf.count(0) == BLOCK:
             return None
         stored = _number(buf[148:156], "checksum")
@@ -195,7 +204,7 @@ class TarStream:
 def open_members(f: BinaryIO) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
     """(name, size, read) of each regular file of the tar in `f`, compressed or not; ``read()``
     returns the member's bytes if called before the next item is taken."""
-    head = f.read(BLOCK)
+    head = TarStream(f)._take(BLOCK)  # the first block, whole (or the whole of a shorter file)
     if not head:
         raise tarfile.ReadError("empty file")
     if head.startswith(_COMPRESSED):

@@ -196,6 +196,29 @@ def test_archives_written_by_the_tar_command(tmp_path, fmt):
     assert sorted(len(p) for _, p in ours) == [7, 6000]
 
 
+class _Trickle(io.RawIOBase):
+    """A stream that returns at most 100 bytes per read, as a network stream or a pipe may."""
+
+    def __init__(self, data: bytes):
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        return self._data.read(min(n, 100) if n is not None and n >= 0 else 100)
+
+
+def test_short_reads_are_not_truncation():
+    data = _tar([(m[0], m[1]) for m in MEMBERS if isinstance(m[1], bytes)])
+    got = [(name, read()) for name, _, read in open_members(_Trickle(data))]
+    assert got == _reference(data)
+    with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
+        [read() for _, _, read in open_members(_Trickle(data[:1000]))]
+    gz = _tar([("a.jpg", b"A" * 5000)], mode="w:gz")
+    assert [(n, read()) for n, _, read in open_members(_Trickle(gz))] == [("a.jpg", b"A" * 5000)]
+
+
 def test_tarstream_reads_from_a_plain_stream():
     data = _tar([("a.jpg", b"abc"), ("b.jpg", b"defg")])
     stream = TarStream(io.BytesIO(data))
