@@ -17,22 +17,30 @@ field:
   stream mode takes it for the end of the archive and says nothing, which would commit a shard
   without the samples behind it.
 
-Compressed tars (gzip, bzip2, xz; told by their magic bytes) go through `tarfile`, which
-decompresses: `open_members` picks the reader. An empty file is an error, as in `tarfile`.
+Compressed tars (gzip, bzip2, xz; told by their magic bytes) are decompressed on the fly by the
+standard library's stream readers and parsed the same way, with the same checks, and then read
+to the end of the compressed stream, so that its checksum (gzip's CRC-32, xz's check, bzip2's
+block CRCs) covers the members' bytes too: `tarfile` stops at the tar's end and never sees it. An empty file
+is an error, as in `tarfile`.
 
-Errors are `tarfile.ReadError` with what was wrong, so the caller handles both readers alike.
+Errors are `tarfile.ReadError` with what was wrong (a failed decompression too); errors of the
+underlying stream (network, storage) pass through as they are.
 """
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
+import lzma
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 __all__ = ["TarStream", "open_members"]
 
 BLOCK = 512
-_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 _REGULAR = (b"0", b"\x00", b"7")
 # Links, devices, directories and FIFOs: no data follows their header. Every other type (regular,
 # sparse, GNU dump directories, vendor types) is followed by `size` bytes, as `tarfile` reads it.
@@ -207,24 +215,51 @@ def open_members(f: BinaryIO) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
     head = TarStream(f)._take(BLOCK)  # the first block, whole (or the whole of a shorter file)
     if not head:
         raise tarfile.ReadError("empty file")
-    if head.startswith(_COMPRESSED):
-        with tarfile.open(fileobj=_Prefixed(head, f), mode="r|*") as tar:
-            for info in tar:
-                if info.isfile():
-                    yield info.name, info.size, lambda info=info: _extract(tar, info)
-        return
-    stream = TarStream(f, head)
-    for name, size in stream:
-        yield name, size, stream.read
+    opener = next((open_ for magic, open_ in _DECOMPRESSORS if head.startswith(magic)), None)
+    stream = opener(_Prefixed(head, f)) if opener else None
+    reader = TarStream(stream) if stream is not None else TarStream(f, head)
+
+    def read() -> bytes:
+        with _decompression_errors():
+            return reader.read()
+
+    with _decompression_errors():
+        for name, size in reader:
+            yield name, size, (read if stream is not None else reader.read)
+        if stream is not None:
+            # Read the compressed stream to its end: the decompressor checks its CRC there, which
+            # is the only check the members' data gets (the tar's end comes before it).
+            while stream.read(_SKIP_CHUNK):
+                pass
 
 
-def _extract(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
-    fobj = tar.extractfile(info)
-    return fobj.read() if fobj is not None else b""
+@contextlib.contextmanager
+def _decompression_errors() -> Iterator[None]:
+    try:
+        yield
+    except (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as e:
+        raise tarfile.ReadError(f"cannot decompress: {type(e).__name__}: {e}") from e
+
+
+def _gzip(f: Any) -> Any:
+    return gzip.GzipFile(fileobj=f, mode="rb")
+
+
+def _bz2(f: Any) -> Any:
+    return bz2.BZ2File(f, "rb")
+
+
+def _xz(f: Any) -> Any:
+    return lzma.LZMAFile(f, "rb")
+
+
+_DECOMPRESSORS: tuple[tuple[bytes, Callable[[Any], Any]], ...] = (
+    (b"\x1f\x8b", _gzip), (b"BZh", _bz2), (b"\xfd7zXZ\x00", _xz),
+)
 
 
 class _Prefixed:
-    """A read-only stream: `head`, then the rest of `f` (tarfile's stream mode only reads)."""
+    """A read-only stream: `head`, then the rest of `f` (the decompressors only read)."""
 
     def __init__(self, head: bytes, f: BinaryIO):
         self._head = head

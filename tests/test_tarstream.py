@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import shutil
 import subprocess
 import tarfile
@@ -72,11 +75,35 @@ def test_same_members_as_tarfile(fmt):
     assert "d" not in names and "link.jpg" not in names and "hard.jpg" not in names
 
 
-@pytest.mark.parametrize("mode", ["w:gz", "w:bz2", "w:xz"])
-def test_compressed_tars_go_through_tarfile(mode):
+_COMPRESS = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}
+
+
+@pytest.mark.parametrize("kind", sorted(_COMPRESS))
+def test_compressed_tars_get_the_same_checks(kind):
     plain = [m for m in MEMBERS if isinstance(m[1], bytes)]
-    data = _tar(plain, mode=mode)
+    data = _tar(plain, mode=f"w:{kind}")
     assert _ours(data) == _reference(data) == [(n, p) for n, p in plain]
+    # A damaged header inside the compressed stream: an error here; tarfile ends the archive.
+    raw = bytearray(_tar([("a.jpg", b"1" * 3000), ("b.jpg", b"2" * 10)]))
+    raw[512 + 3072 + 5] ^= 0x20
+    damaged = _COMPRESS[kind](bytes(raw))
+    with pytest.raises(tarfile.ReadError, match="checksum"):
+        _ours(damaged)
+    assert [n for n, _ in _reference(damaged)] == ["a.jpg"]
+    # A compressed stream cut short, even by its last bytes (after the tar's end): an error.
+    for cut in (len(data) // 2, len(data) - 3):
+        with pytest.raises(tarfile.ReadError, match="cannot decompress"):
+            _ours(data[:cut])
+    # One flipped byte anywhere in the compressed stream: an error (a header check, or the
+    # stream's own checksum read at its end), never silently different member bytes.
+    for at in range(10, len(data) - 10, max(1, len(data) // 25)):
+        flipped = bytearray(data)
+        flipped[at] ^= 0xFF
+        try:
+            got = _ours(bytes(flipped))
+        except (tarfile.ReadError, OSError):
+            continue
+        assert got == _ours(data), f"byte {at} of {len(data)} changed the members silently"
 
 
 def test_members_not_read_are_skipped():
