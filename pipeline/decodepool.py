@@ -7,8 +7,9 @@ from every other thread of the process: the encoder's launching thread, the tar 
 Parquet writer. With many decode threads that traffic, not the CPU, limits decoding.
 
 Processes have their own interpreters: no GIL is shared, at the price of starting them (once per
-worker) and of pickling each chunk's bytes in and its pixels out. Samples go in chunks (`chunk`)
-so the per-message cost is paid once per several images. They are started as
+worker) and of sending each chunk's bytes in and its pixels out through pipes (as out-of-band
+buffers of the pickle, so they are not copied into and out of it). Samples go in chunks
+(`chunk`) so the per-message cost is paid once per several images. They are started as
 `python -m pipeline.decodechild`, not through multiprocessing, which would fork the worker
 (threads, maybe a CUDA context) or make every child import the worker's main module (in a Ray
 actor: all of Ray).
@@ -33,6 +34,8 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
+
+import numpy as np
 
 from .decode import DecodeError, DecodeOptions, decode_image
 from .preprocess import Preprocessed, PreprocessError, Preprocessor
@@ -92,37 +95,63 @@ def resolve_mode(mode: str, *, gpu: bool, workers: int) -> str:
 #
 # A decode process is `python -m pipeline.decodechild FD`: it imports only this module (Pillow and
 # numpy, no torch, no Ray), reads requests from its stdin and writes answers to pipe FD (not its
-# stdout, which startup code or a library may print to). Messages are pickles behind a 4-byte
-# magic and an 8-byte length: first (options, preprocessor), then one chunk of (key, bytes)
-# after another; for each chunk it answers with the list of results. It exits at the end of its
-# stdin, which is also what it sees when its worker dies, however it dies.
+# stdout, which startup code or a library may print to). A message is a pickle and the large
+# buffers it refers to, sent after it rather than copied into it (pickle protocol 5 out-of-band
+# buffers: the JPEG bytes going in, the pixel arrays coming back), behind a 4-byte magic, the
+# pickle's length, the buffer count and each buffer's length. First comes (options, preprocessor,
+# timeout), then one chunk of (key, bytes) after another; for each chunk the process answers with
+# the list of results. It exits at the end of its stdin, which is also what it sees when its
+# worker dies, however it dies.
 
-_MAGIC = b"LDP1"
-_HEADER = struct.Struct("<4sQ")
+_MAGIC = b"LDP2"
+_HEADER = struct.Struct("<4sQI")
+_LENGTH = struct.Struct("<Q")
 _MAX_MESSAGE = 1 << 32
+_MAX_BUFFERS = 1 << 16
 
 
 class ProtocolError(RuntimeError):
     """A decode process sent something that is not a message."""
 
 
-def _read_message(stream: BinaryIO) -> Any:
-    head = stream.read(_HEADER.size)
-    if len(head) < _HEADER.size:
+def _read_exact(stream: BinaryIO, size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) < size:
         raise EOFError
-    magic, size = _HEADER.unpack(head)
-    if magic != _MAGIC or size > _MAX_MESSAGE:
+    return data
+
+
+def _read_message(stream: BinaryIO, *, writable: bool = False) -> Any:
+    """One message; `writable`: its buffers are fresh writable arrays (pixels for the worker),
+    else bytes (JPEGs for a decode process, which only reads them)."""
+    head = _read_exact(stream, _HEADER.size)
+    magic, size, count = _HEADER.unpack(head)
+    if magic != _MAGIC or size > _MAX_MESSAGE or count > _MAX_BUFFERS:
         raise ProtocolError(f"bad message header {head!r}")
-    body = stream.read(size)
-    if len(body) < size:
-        raise EOFError
-    return pickle.loads(body)
+    lengths = [_LENGTH.unpack(_read_exact(stream, _LENGTH.size))[0] for _ in range(count)]
+    if any(n > _MAX_MESSAGE for n in lengths):
+        raise ProtocolError(f"bad buffer lengths {lengths!r}")
+    body = _read_exact(stream, size)
+    buffers: list[Any] = []
+    for n in lengths:
+        if writable:
+            buf = np.empty(n, dtype=np.uint8)
+            if stream.readinto(memoryview(buf)) < n:  # type: ignore[attr-defined]
+                raise EOFError
+            buffers.append(buf)
+        else:
+            buffers.append(_read_exact(stream, n))
+    return pickle.loads(body, buffers=buffers)
 
 
 def _write_message(stream: BinaryIO, obj: Any) -> None:
-    body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_HEADER.pack(_MAGIC, len(body)))
+    buffers: list[pickle.PickleBuffer] = []
+    body = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    stream.write(_HEADER.pack(_MAGIC, len(body), len(raws)) + b"".join(_LENGTH.pack(r.nbytes) for r in raws))
     stream.write(body)
+    for raw in raws:
+        stream.write(raw)
     stream.flush()
 
 
@@ -148,7 +177,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
                     time.sleep(1e6)
                 results.append(prepare(data, key, options, preprocessor))
             signal.alarm(0)
-            _write_message(out, results)
+            _write_message(out, results)  # the pixel arrays go out of band
     except (EOFError, BrokenPipeError):
         return
 
@@ -219,6 +248,8 @@ class _Child:
                 item = self._outbox.get()
                 if item is None:
                     break
+                if isinstance(item, list):  # a chunk: its JPEG bytes go out of band, uncopied
+                    item = [(key, pickle.PickleBuffer(data)) for key, data in item]
                 _write_message(stdin, item)
         except (OSError, ValueError):
             pass  # the reader sees the process end and fails what is pending
@@ -232,7 +263,7 @@ class _Child:
         reason = "exited"
         try:
             while True:
-                results = _read_message(self._results)
+                results = _read_message(self._results, writable=True)
                 with self._lock:
                     future = self._pending.popleft()
                 future.set_result(results)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -238,3 +239,31 @@ def test_stray_output_and_garbage_answers(tmp_path):
     assert marker.exists() and pool.restarts == 1
     assert results[0].pixels.shape == results[2].pixels.shape == (64, 64, 3)
     assert results[1].reason == "not_an_image"
+
+
+def test_messages_carry_their_buffers_out_of_band():
+    import numpy as np
+
+    from pipeline.decodepool import ProtocolError, _read_message, _write_message
+    from pipeline.preprocess import Preprocessed
+
+    jpeg = bytes(range(256)) * 40
+    stream = io.BytesIO()
+    _write_message(stream, [("k1", pickle.PickleBuffer(jpeg)), ("k2", pickle.PickleBuffer(b"x"))])
+    message = stream.getvalue()
+    assert jpeg in message and message.count(jpeg) == 1  # sent once, raw, after the pickle
+    got = _read_message(io.BytesIO(message))
+    assert got == [("k1", jpeg), ("k2", b"x")] and type(got[0][1]) is bytes
+
+    pixels = np.arange(64 * 48 * 3, dtype=np.uint8).reshape(64, 48, 3) % 251
+    stream = io.BytesIO()
+    _write_message(stream, [Preprocessed(pixels=pixels, original_size=(70, 50), crop_top_left=(3, 1),
+                                         target_size=(64, 48))])
+    (result,) = _read_message(io.BytesIO(stream.getvalue()), writable=True)
+    assert np.array_equal(result.pixels, pixels) and result.pixels.flags.writeable
+    assert (result.original_size, result.crop_top_left) == ((70, 50), (3, 1))
+
+    with pytest.raises(EOFError):  # cut inside the pixel buffer
+        _read_message(io.BytesIO(stream.getvalue()[:-100]), writable=True)
+    with pytest.raises(ProtocolError):
+        _read_message(io.BytesIO(b"LDP1" + stream.getvalue()[4:]))
