@@ -148,7 +148,9 @@ class RayConfig:
     num_gpus_per_worker: float | None = None
     #: CPUs reserved per actor; they run the decode threads (and the encoder on CPU).
     num_cpus_per_worker: float = 1.0
-    batch_size: int = 16
+    #: Images per encoder call (per bucket shape); "auto": about 4 megapixels on a GPU (64 images
+    #: at 256 px, at most 128), about 1 on a CPU (16 at 256 px, at most 16); see batching.py.
+    batch_size: int | Literal["auto"] = "auto"
     #: Attempts per shard before it is recorded as failed.
     max_attempts: int = 3
     #: Shards one actor encodes at the same time; unset: 2 on GPU actors (the next shard's reading
@@ -508,7 +510,8 @@ def _check_semantics(c: JobConfig) -> None:
         raise ConfigError("ray.num_gpus_per_worker", "above 1 it must be a whole number")
     if r.num_cpus_per_worker < 0:
         raise ConfigError("ray.num_cpus_per_worker", f"must be >= 0, got {r.num_cpus_per_worker}")
-    _positive(r.batch_size, "ray.batch_size")
+    if r.batch_size != "auto":
+        _positive(r.batch_size, "ray.batch_size")  # type: ignore[arg-type]
     _positive(r.max_attempts, "ray.max_attempts")
     _positive(r.max_in_flight_per_worker, "ray.max_in_flight_per_worker", allow_none=True)
     _positive(r.decode_threads, "ray.decode_threads", allow_none=True)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import storage
+from .batching import auto_batch_size, batch_warning, memory_budget
 from .config import ConfigError, JobConfig
 from .decode import DecodeOptions
 from .decodepool import DecodeFailure, DecodePool, prepare, resolve_mode
@@ -243,6 +244,15 @@ class EncodeWorker:
             compile=config.model.compile,
         )
         self.manifest = build_manifest(config, self.model)
+        sizes = config.preprocess.target_sizes()
+        batch = config.ray.batch_size
+        self.batch_size = auto_batch_size(self.device.type, sizes) if batch == "auto" else int(batch)
+        warning = batch_warning(
+            self.batch_size, sizes, int(self.model.config.ch), self.device.type, config.model.dtype,
+            memory_budget(self.device, gpu_share=config.ray.num_gpus_per_worker, cpus=cpus),
+        )
+        if warning:
+            log.warning(warning)
         # Shards this worker may encode at the same time (one lane of device buffers each).
         self.concurrency = config.ray.shards_in_flight(gpu=self.device.type == "cuda")
         self._encoder = _DeviceEncoder(
@@ -263,8 +273,8 @@ class EncodeWorker:
         self._decoder = DecodePool(self.decode_threads, self.decode_mode, self.decode_options, self.preprocessor,
                                    timeout=config.ray.decode_timeout)
         self._decoder.warm_up()
-        log.info("encode worker: %s on %s, %d decode %s, %d shard(s) at a time", type(self.model).__name__,
-                 self.device, self.decode_threads, self.decode_mode, self.concurrency)
+        log.info("encode worker: %s on %s, batch %d, %d decode %s, %d shard(s) at a time", type(self.model).__name__,
+                 self.device, self.batch_size, self.decode_threads, self.decode_mode, self.concurrency)
         self._fault = _FaultHook()
         # Shards being encoded -> images written so far. Read from other threads by the actor's
         # progress(); written under the GIL one key at a time.
@@ -373,7 +383,7 @@ class EncodeWorker:
         Samples go to the decode pool in chunks and come back in shard order; bad samples (from
         the reader or the decoder) reach the ledger in shard order too, whatever the pool.
         """
-        batch_size = self.config.ray.batch_size
+        batch_size = self.batch_size
         # Threads: 4 samples per thread; processes: 2 chunks per process.
         prefetch = max(2 * batch_size, self.decode_threads * max(4, 2 * self._decoder.chunk))
         # Partial buckets hold decoded images; cap them so many buckets cannot exhaust memory.
