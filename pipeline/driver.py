@@ -81,6 +81,8 @@ class EncodeSummary:
     #: Seconds the committed shards took, summed over shards, and how they split (`STAGES`).
     shard_seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    #: Images per encoder call the workers used (`ray.batch_size`, "auto" resolved).
+    batch_sizes: list[int] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -131,6 +133,7 @@ class EncodeSummary:
         lines.append(
             f"  time: {format_duration(self.seconds)}, {self.images_per_second:.1f} images/s on {self.workers} "
             f"worker(s), {self.retries} retr{'y' if self.retries == 1 else 'ies'}"
+            + (f", batch {'/'.join(map(str, self.batch_sizes))}" if self.batch_sizes else "")
         )
         stages = self.stage_breakdown()
         if stages:
@@ -523,6 +526,8 @@ class _Driver:
         s.images += result.rows
         s.errors += result.errors
         s.shard_seconds += result.seconds
+        if result.batch_size and result.batch_size not in s.batch_sizes:
+            s.batch_sizes = sorted([*s.batch_sizes, result.batch_size])
         for stage, secs in result.stage_seconds.items():
             s.stage_seconds[stage] = s.stage_seconds.get(stage, 0.0) + secs
         reasons.update(result.errors_by_reason)

@@ -71,6 +71,8 @@ class ShardResult:
     #: encoding (launching plus waiting for the device), waiting for the writer, committing.
     #: The rest of `seconds` is reading the tar, batching and building rows.
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    #: Images per encoder call (`ray.batch_size`, resolved).
+    batch_size: int = 0
 
 
 #: Keys of `ShardResult.stage_seconds`.
@@ -364,7 +366,7 @@ class EncodeWorker:
         return ShardResult(
             name=name, url=storage.redact(url), rows=record.rows, errors=record.errors,
             errors_by_reason=dict(reasons), qa_rows=record.qa_rows, seconds=seconds,
-            stage_seconds={k: round(v, 3) for k, v in clock.items()},
+            stage_seconds={k: round(v, 3) for k, v in clock.items()}, batch_size=self.batch_size,
         )
 
     # -- read + decode + batch ---------------------------------------------------------------

@@ -55,6 +55,7 @@ def test_local_run_resume_and_worker_count_invariance(ray_local, sample_shards, 
     assert on_disk["exit_code"] == 0 and on_disk["shards_committed"] == 3 and on_disk["workers"] == 2
     assert on_disk["stage_seconds"]["encode"] > 0 and on_disk["shard_seconds"] + 0.01 >= sum(on_disk["stage_seconds"].values())
     assert "shard time: " in summary.render()
+    assert on_disk["batch_sizes"] == [2] and ", batch 2" in summary.render()
     assert (two / "manifest.json").exists() and committed_names(str(two)) == ["00000", "00001", "00002"]
     assert len(list((two / "qa" / "samples").glob("*.parquet"))) == 3  # ceil(4 / 3) = 2 per shard
     rows = pq.read_table(two / "shards" / "00001.parquet").to_pylist()
