@@ -114,3 +114,14 @@ def test_the_worker_uses_auto_and_warns_about_a_batch_too_large(tmp_path, caplog
         assert "ray.batch_size 1000000000 at 64x64 needs about" in caplog.text
     finally:
         worker.close()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_budget_is_a_share_of_free_device_memory():
+    import torch
+
+    device = torch.device("cuda")
+    free, total = torch.cuda.mem_get_info(device)
+    whole = memory_budget(device, gpu_share=None, cpus=1)
+    half = memory_budget(device, gpu_share=0.5, cpus=1)
+    assert 0 < half <= whole <= free and half <= total * 0.5
