@@ -5,9 +5,9 @@ Reading
     block size and background prefetch of the next block, so one tar costs a few large ranged
     GETs instead of thousands of small ones, and memory stays bounded (two blocks plus the
     members of one sample) whatever the shard size. The tar is read strictly sequentially
-    (`pipeline.tarstream`: a lean parser of ustar/GNU/pax headers; gzip/bz2/xz tars through
-    ``tarfile``'s stream mode); members the job does not need (``.cls``, ``.npy``, ...) are
-    skipped without being kept in memory.
+    (`pipeline.tarstream`: a lean parser of ustar/GNU/pax headers; gzip/bz2/xz tars are
+    decompressed on the fly and checked against their stream checksum); members the job does
+    not need (``.cls``, ``.npy``, ...) are skipped without being kept in memory.
 
 Grouping (what WebDataset does, plus checks WebDataset does not make)
     A member ``dir/abc.def.jpg`` has key ``dir/abc`` (the path up to the first dot of the file
@@ -30,8 +30,8 @@ Grouping (what WebDataset does, plus checks WebDataset does not make)
     * a needed member over `max_member_bytes` -> ledger row ``member_too_large``;
     * members without an extension, directories and links are not samples and are skipped.
 
-    A tar that cannot be read to its end (truncated, damaged, not a tar) raises `ShardReadError`: the
-    shard fails (and is retried) rather than committing a partial shard.
+    A tar that cannot be read to its end (truncated, damaged, not a tar) raises
+    `ShardReadError`: the shard fails (and is retried) rather than committing a partial shard.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ field:
 Compressed tars (gzip, bzip2, xz; told by their magic bytes) are decompressed on the fly by the
 standard library's stream readers and parsed the same way, with the same checks, and then read
 to the end of the compressed stream, so that its checksum (gzip's CRC-32, xz's check, bzip2's
-block CRCs) covers the members' bytes too: `tarfile` stops at the tar's end and never sees it. An empty file
-is an error, as in `tarfile`.
+block CRCs) covers the members' bytes too: `tarfile` stops at the tar's end and never sees it.
+An empty file is an error, as in `tarfile`.
 
 Errors are `tarfile.ReadError` with what was wrong (a failed decompression too); errors of the
 underlying stream (network, storage) pass through as they are.
@@ -87,12 +87,29 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
+def _read_up_to(f: Any, n: int) -> bytes:
+    """Up to `n` bytes of `f`: fewer only at its end (a network stream or a pipe may return less
+    than asked for on one read; keep reading)."""
+    data = f.read(n)
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = f.read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
 class TarStream:
     """Iterate over (name, size) of the regular files of an uncompressed tar read from `f`.
 
     After each item, `read()` returns that member's bytes; a member not read is skipped when the
-    iteration moves on (without keeping it in memory). `head` is data already read from the
-    start of `f` (at most one block), e.g. to look for compression magic.
+    iteration moves on (without keeping it in memory). `head` is the first header block when it
+    has been read from `f` already (e.g. to look for compression magic).
     """
 
     def __init__(self, f: BinaryIO, head: bytes = b""):
@@ -101,27 +118,8 @@ class TarStream:
         self._left = 0  # unread bytes of the current member
         self._pad = 0  # padding after it
 
-    def _take(self, n: int) -> bytes:
-        """Up to `n` bytes: fewer only at the end of the stream (a network stream or a pipe may
-        return less than asked for on one read; keep reading)."""
-        if self._head:
-            data, self._head = self._head[:n], self._head[n:]
-        else:
-            data = self._f.read(n)
-        if len(data) == n or not data:
-            return data
-        parts = [data]
-        got = len(data)
-        while got < n:
-            more = self._f.read(n - got)
-            if not more:
-                break
-            parts.append(more)
-            got += len(more)
-        return b"".join(parts)
-
     def _read_exact(self, n: int, what: str) -> bytes:
-        data = self._take(n)
+        data = _read_up_to(self._f, n)
         if len(data) < n:
             raise tarfile.ReadError(f"unexpected end of data in {what} ({len(data)} of {n} bytes)")
         return data
@@ -148,7 +146,8 @@ class TarStream:
 
     def _header(self) -> bytes | None:
         """The next header block, or None at the end of the archive."""
-        buf = self._take(BLOCK)
+        buf = self._head or _read_up_to(self._f, BLOCK)
+        self._head = b""
         if not buf:
             return None  # no end-of-archive blocks: tarfile accepts that too
         if len(buf) < BLOCK:
@@ -200,6 +199,8 @@ class TarStream:
                     size = int(pax["size"])
                 except ValueError:
                     raise tarfile.ReadError(f"invalid pax header: size {pax['size']!r}") from None
+                if size < 0:
+                    raise tarfile.ReadError("invalid pax header: negative size")
             pax, long_name = {}, None
             self._left = 0 if kind in _NO_DATA else size
             self._pad = -self._left % BLOCK
@@ -212,7 +213,7 @@ class TarStream:
 def open_members(f: BinaryIO) -> Iterator[tuple[str, int, Callable[[], bytes]]]:
     """(name, size, read) of each regular file of the tar in `f`, compressed or not; ``read()``
     returns the member's bytes if called before the next item is taken."""
-    head = TarStream(f)._take(BLOCK)  # the first block, whole (or the whole of a shorter file)
+    head = _read_up_to(f, BLOCK)  # the first block, whole (or the whole of a shorter file)
     if not head:
         raise tarfile.ReadError("empty file")
     opener = next((open_ for magic, open_ in _DECOMPRESSORS if head.startswith(magic)), None)

@@ -204,6 +204,10 @@ def test_pax_size_and_path_records():
         tar.addfile(info, io.BytesIO(b"12345"))
     data = buf.getvalue()
     assert _ours(data) == _reference(data) == [("renamed/by-pax.jpg", b"12345")]
+    negative = tarfile.TarInfo("a.jpg")
+    negative.size, negative.pax_headers = 3, {"size": "-5"}
+    with pytest.raises(tarfile.ReadError, match="negative size"):
+        _ours(negative.tobuf(tarfile.PAX_FORMAT) + b"abc".ljust(512, b"\0") + bytes(1024))
 
 
 @pytest.mark.skipif(shutil.which("tar") is None, reason="no tar command")
