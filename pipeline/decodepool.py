@@ -105,7 +105,6 @@ def resolve_mode(mode: str, *, gpu: bool, workers: int) -> str:
 
 _MAGIC = b"LDP2"
 _HEADER = struct.Struct("<4sQI")
-_LENGTH = struct.Struct("<Q")
 _MAX_MESSAGE = 1 << 32
 _MAX_BUFFERS = 1 << 16
 
@@ -128,7 +127,7 @@ def _read_message(stream: BinaryIO, *, writable: bool = False) -> Any:
     magic, size, count = _HEADER.unpack(head)
     if magic != _MAGIC or size > _MAX_MESSAGE or count > _MAX_BUFFERS:
         raise ProtocolError(f"bad message header {head!r}")
-    lengths = [_LENGTH.unpack(_read_exact(stream, _LENGTH.size))[0] for _ in range(count)]
+    lengths = struct.unpack(f"<{count}Q", _read_exact(stream, 8 * count))
     if any(n > _MAX_MESSAGE for n in lengths):
         raise ProtocolError(f"bad buffer lengths {lengths!r}")
     body = _read_exact(stream, size)
@@ -148,7 +147,7 @@ def _write_message(stream: BinaryIO, obj: Any) -> None:
     buffers: list[pickle.PickleBuffer] = []
     body = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
     raws = [b.raw() for b in buffers]
-    stream.write(_HEADER.pack(_MAGIC, len(body), len(raws)) + b"".join(_LENGTH.pack(r.nbytes) for r in raws))
+    stream.write(_HEADER.pack(_MAGIC, len(body), len(raws)) + struct.pack(f"<{len(raws)}Q", *(r.nbytes for r in raws)))
     stream.write(body)
     for raw in raws:
         stream.write(raw)

@@ -391,8 +391,9 @@ class EncodeWorker:
         # Partial buckets hold decoded images; cap them so many buckets cannot exhaust memory.
         max_pending = 4 * batch_size
         pending: dict[tuple[int, int], list[tuple[Sample, Preprocessed]]] = {}
-        # Entries in shard order: a read error, or a chunk of samples with its decode future.
-        window: deque[SampleError | tuple[list[Sample], Future]] = deque()
+        # Entries in shard order: a read error, or a chunk of samples with the (key, bytes) items
+        # sent to the decode pool and its future.
+        window: deque[SampleError | tuple[list[Sample], list[tuple[str, bytes]], Future]] = deque()
         queued = 0  # samples in the window
         chunk: list[Sample] = []
 
@@ -420,10 +421,10 @@ class EncodeWorker:
             if isinstance(entry, SampleError):
                 error(ErrorRow(entry.key, url, "read", entry.reason, entry.message))
                 return
-            samples, future = entry
+            samples, items, future = entry
             queued -= len(samples)
             t0 = time.perf_counter()
-            results = self._decoder.result(future, [(s.key, s.image) for s in samples])
+            results = self._decoder.result(future, items)
             clock["decode_wait"] += time.perf_counter() - t0
             for sample, result in zip(samples, results):
                 ready = add(sample, result)
@@ -433,7 +434,8 @@ class EncodeWorker:
         def flush() -> None:
             nonlocal chunk, queued
             if chunk:
-                window.append((chunk, self._decoder.submit([(s.key, s.image) for s in chunk])))
+                items = [(s.key, s.image) for s in chunk]
+                window.append((chunk, items, self._decoder.submit(items)))
                 queued += len(chunk)
                 chunk = []
 
