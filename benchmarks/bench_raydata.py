@@ -112,18 +112,23 @@ print(json.dumps({"images": rows, "seconds": seconds}))
 '''
 
 
+def _device_type(args) -> str:
+    return "cuda" if args.device.startswith("cuda") else "cpu"
+
+
 def _torch_threads(args) -> int:
     # The rule of EncodeWorker(set_threads=True), for the peer's encoder too.
     from pipeline.worker import torch_threads
 
-    return torch_threads("cuda" if args.device.startswith("cuda") else "cpu", args.cpus)
+    return torch_threads(_device_type(args), args.cpus)
 
 
 def _channels_last(args) -> bool:
-    # Both sides use the same memory format: the pipeline's "auto" rule (on for CPU, off on CUDA).
-    if args.channels_last == "auto":
-        return not args.device.startswith("cuda")
-    return args.channels_last == "true"
+    # Both sides use the same memory format: the pipeline's own rule for "auto".
+    from pipeline.config import ModelConfig
+
+    value = "auto" if args.channels_last == "auto" else args.channels_last == "true"
+    return ModelConfig(channels_last=value).channels_last_on(_device_type(args))
 
 
 def _run(script: str, payload: dict) -> dict:
