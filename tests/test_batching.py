@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import sample_photos, write_shard
 
 from pipeline.batching import auto_batch_size, batch_warning, bytes_per_image, memory_budget
 from pipeline.config import config_from_dict
@@ -83,32 +82,23 @@ def test_cpu_budget_is_a_share_of_available_memory():
     assert every <= available
 
 
-def _config(tmp_path, **ray):
-    url = write_shard(tmp_path / "s.tar", [(f"k{i}", {"jpg": _jpeg(img)}) for i, (_, img) in
-                                           enumerate(sample_photos(count=3))])
-    return config_from_dict({"input": {"urls": str(url)}, "output": {"path": str(tmp_path / "out")},
+def _config(url, out, **ray):
+    return config_from_dict({"input": {"urls": str(url)}, "output": {"path": str(out)},
                              "preprocess": {"resolution": 64}, "ray": ray, "qa": {"samples": 0}})
 
 
-def _jpeg(img):
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def test_the_worker_uses_auto_and_warns_about_a_batch_too_large(tmp_path, caplog):
+def test_the_worker_uses_auto_and_warns_about_a_batch_too_large(sample_shards, tmp_path, caplog):
     from pipeline.worker import EncodeWorker
 
     caplog.set_level(logging.WARNING, logger="pipeline")
-    worker = EncodeWorker(_config(tmp_path), device="cpu")
+    url = sample_shards[0]
+    worker = EncodeWorker(_config(url, tmp_path / "out"), device="cpu")
     try:
         assert worker.batch_size == 16 and "ray.batch_size" not in caplog.text
-        assert worker.process_shard(worker.config.input.urls, "s").rows == 3
+        assert worker.process_shard(str(url), "s").rows == 4
     finally:
         worker.close()
-    worker = EncodeWorker(_config(tmp_path, batch_size=10**9), device="cpu")
+    worker = EncodeWorker(_config(url, tmp_path / "out2", batch_size=10**9), device="cpu")
     try:
         assert worker.batch_size == 10**9
         assert "ray.batch_size 1000000000 at 64x64 needs about" in caplog.text
