@@ -20,23 +20,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import PeakRSS, cmdline_has, make_bench_shards, table
+from benchmarks.common import (
+    PeakRSS,
+    add_job_arguments,
+    cmdline_has,
+    make_bench_shards,
+    table,
+    write_job_config,
+)
 
 
 def run_job(args, shards: list[str], workdir: Path) -> dict:
-    import yaml
-
     out = workdir / "out"
     shutil.rmtree(out, ignore_errors=True)
-    cfg = workdir / "job.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "input": {"urls": shards},
-        "output": {"path": str(out)},
-        "model": {"preset": args.preset},
-        "preprocess": {"resolution": args.resolution},
-        "ray": {"workers": 1, "num_gpus_per_worker": 0, "num_cpus_per_worker": args.cpus, "batch_size": args.batch},
-        "qa": {"samples": 8},
-    }))
+    cfg = write_job_config(workdir / "job.yaml", shards, out, preset=args.preset, resolution=args.resolution,
+                           batch=args.batch, cpus=args.cpus, gpus=0)
     with PeakRSS({"driver": cmdline_has("-m pipeline encode"), "worker": cmdline_has("EncodeActor")},
                  per_process=True) as mem:
         subprocess.run([sys.executable, "-m", "pipeline", "encode", str(cfg)], check=True,
@@ -64,16 +62,8 @@ def device_memory(args) -> list[list]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--resolution", type=int, default=128)
-    p.add_argument("--shards", type=int, default=2)
-    p.add_argument("--per-shard", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--dtype", default="bf16")
+    add_job_arguments(p, shards=2, per_shard=64, dtype="bf16")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     if args.device.startswith("cuda"):

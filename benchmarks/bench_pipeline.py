@@ -4,8 +4,8 @@
 
 On the same shards, model and worker resources it measures, as medians over `--repeats` runs:
 
-  decode   read + decode + preprocess + batching only: the worker's own `_batches` (its reader
-           and its pool of `decode_threads` threads or processes), no encoder
+  decode   read + decode + preprocess + batching only, as the worker does it (`ShardBatcher` over
+           its reader and its pool of `decode_threads` threads or processes), no encoder
   encode   the encoder alone on pre-decoded uint8 pixels, batch by batch (host->device included)
   worker   one `EncodeWorker` over all shards: read, decode, encode, write, commit
   job      what `python -m pipeline encode` runs (`run_encode`, one worker) in a process that has
@@ -40,17 +40,23 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import make_bench_shards, median, table
+from benchmarks.common import (
+    ENCODE_JOB,
+    add_job_arguments,
+    make_bench_shards,
+    median,
+    run_script,
+    table,
+    write_job_config,
+)
 
 
 def _tri(value: str):
@@ -73,24 +79,17 @@ def build_config(args, shards: list[str], out: str, decode_mode: str = "auto"):
     })
 
 
-class _NoLedger:
-    """Stands in for the worker's writer thread: decode-only runs write no ledger."""
-
-    def put(self, item) -> None:
-        pass
-
-
 def decode_shard(worker, url: str, stop=None) -> int:
-    """Read + decode + preprocess one shard through the worker's own `_batches` (its reader, its
-    decode pool of threads or processes, its chunking and window), without the encoder; the count
-    of prepared images, up to `stop`."""
+    """Read + decode + preprocess one shard as the worker does (a `ShardBatcher` over its reader
+    and its decode pool of threads or processes), without the encoder and without a ledger; the
+    count of prepared images, up to `stop`."""
+    from pipeline.batcher import ShardBatcher
     from pipeline.reader import ShardReader
-    from pipeline.worker import STAGES
 
     cfg = worker.config
     reader = ShardReader(url, cfg.input.storage_options, image_exts=cfg.input.image_exts,
                          caption_key=cfg.input.caption_key)
-    batches = worker._batches(reader, url, Counter(), _NoLedger(), dict.fromkeys(STAGES, 0.0))
+    batches = iter(ShardBatcher(reader, url, worker.decode_pool, worker.batch_size, on_error=lambda row: None))
     n = 0
     for batch in batches:
         if stop is not None and stop.is_set():
@@ -110,7 +109,7 @@ def encode_only(worker, batches: list[np.ndarray]) -> int:
 
     n = 0
     for pixels in batches:
-        worker._posterior(pixels)
+        worker.device_encoder.launch(pixels, flip=False).get()
         n += len(pixels)
     if worker.device.type == "cuda":
         torch.cuda.synchronize()
@@ -142,7 +141,7 @@ def concurrent_limits(worker, shards: list[str], batches: list[np.ndarray], seco
             for pixels in batches:
                 if stop.is_set():
                     return
-                worker._posterior(pixels)
+                worker.device_encoder.launch(pixels, flip=False).get()
                 if not stop.is_set():
                     counts["encode"] += len(pixels)
 
@@ -174,62 +173,31 @@ def worker_e2e(worker, shards: list[str], out_root: str, stage_time: dict[str, f
     return sum(r.rows for r in results)
 
 
-_JOB = r'''
-import json, sys, time
-import ray
-
-args = json.loads(sys.argv[1])
-ray.init(num_cpus=args["cpus"], num_gpus=args["gpus"], include_dashboard=False, log_to_driver=False)
-from pipeline.config import load_config
-from pipeline.driver import run_encode
-
-config = load_config(args["config"])
-t0 = time.perf_counter()
-summary = run_encode(config)
-print(json.dumps({"images": summary.images, "seconds": time.perf_counter() - t0}))
-'''
-
-
 def job_e2e(args, shards: list[str], workdir: Path, decode_mode: str = "auto") -> float:
     """images/s of the encode job (one worker, local Ray), timed from after `ray.init`."""
-    cfg = workdir / "bench.yaml"
     out = workdir / "job-out"
     shutil.rmtree(out, ignore_errors=True)
-    import yaml
-
     gpus = 1 if args.device.startswith("cuda") else 0
-    cfg.write_text(yaml.safe_dump({
-        "input": {"urls": shards},
-        "output": {"path": str(out), "dtype": args.out_dtype},
-        "model": {"preset": args.preset, "dtype": args.dtype, "channels_last": _tri(args.channels_last)},
-        "preprocess": {"resolution": args.resolution},
-        "ray": {"workers": 1, "num_gpus_per_worker": gpus,
-                "num_cpus_per_worker": args.cpus, "batch_size": args.batch, "decode_threads": args.decode_threads,
-                "decode_mode": decode_mode, "max_in_flight_per_worker": args.shards_at_once},
-        "qa": {"samples": 8},
-    }))
-    payload = {"config": str(cfg), "cpus": args.cpus, "gpus": gpus}
-    proc = subprocess.run([sys.executable, "-c", _JOB, json.dumps(payload)], check=True, capture_output=True,
-                          text=True, env=dict(os.environ, RAY_DEDUP_LOGS="0"))
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    cfg = write_job_config(
+        workdir / "bench.yaml", shards, out, preset=args.preset, resolution=args.resolution, batch=args.batch,
+        cpus=args.cpus, gpus=gpus, output={"dtype": args.out_dtype},
+        model={"dtype": args.dtype, "channels_last": _tri(args.channels_last)},
+        ray={"decode_threads": args.decode_threads, "decode_mode": decode_mode,
+             "max_in_flight_per_worker": args.shards_at_once},
+    )
+    r = run_script(ENCODE_JOB, {"config": str(cfg), "cpus": args.cpus, "gpus": gpus})
     return r["images"] / r["seconds"]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--resolution", type=int, default=128)
+    add_job_arguments(p, shards=4, per_shard=64)
     p.add_argument("--source-side", type=int, default=None, help="shorter side of the JPEGs (default 1.25x resolution)")
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--per-shard", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--out-dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"],
                    help="model.channels_last (auto: on for CPU, off for CUDA)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true", help="launch the encoder eagerly on CUDA")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1))
     p.add_argument("--decode-threads", type=int, default=None, help="decoders per worker (default: the CPUs)")
     p.add_argument("--decode-mode", default="auto",
@@ -243,8 +211,6 @@ def main(argv=None) -> int:
     p.add_argument("--concurrent-seconds", type=float, default=8.0,
                    help="length of the window in which both stages run at once")
     p.add_argument("--no-job", action="store_true", help="skip the Ray job run (e.g. where Ray is not installed)")
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
 
     import torch
@@ -265,12 +231,13 @@ def main(argv=None) -> int:
     worker = next(iter(workers.values()))
 
     # Pre-decoded batches for the encoder-only limit: the same pixels the pipeline encodes.
+    from pipeline.decodepool import prepare
     from pipeline.reader import Sample, ShardReader
 
     pixels = []
     for s in ShardReader(shards[0], {}, image_exts=worker.config.input.image_exts):
         if isinstance(s, Sample):
-            pixels.append(worker._prepare(s).pixels)
+            pixels.append(prepare(s.image, s.key, worker.decode_options, worker.preprocessor).pixels)
     pixels = np.stack(pixels)
     total = args.shards * args.per_shard
     batches = [pixels[np.arange(i, i + args.batch) % len(pixels)] for i in range(0, total, args.batch)]
@@ -319,7 +286,7 @@ def main(argv=None) -> int:
         f"Pipeline efficiency: {args.preset} @ {args.resolution}px, {args.dtype}, batch {args.batch}, "
         f"{args.device}, {args.cpus:g} CPUs (encoder threads {encoder_threads}, "
         + ", ".join(f"decode {w.decode_mode} x{w.decode_threads}" for w in workers.values())
-        + f", CUDA graphs {worker._encoder.cuda_graphs}, shards at a time {worker.concurrency}), "
+        + f", CUDA graphs {worker.device_encoder.cuda_graphs}, shards at a time {worker.concurrency}), "
         f"JPEG side {source}, {total} images x {args.repeats} repeats",
         ["stage", "images/s (median)", "range", "worker process CPU ms/image"], rows))
     ratios = {}

@@ -34,28 +34,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import TreePeak, make_bench_shards, median, table
-
-_OURS = r'''
-import json, sys, time
-import ray
-
-args = json.loads(sys.argv[1])
-ray.init(num_cpus=args["cpus"], num_gpus=args["gpus"], include_dashboard=False, log_to_driver=False)
-from pipeline.config import load_config
-from pipeline.driver import run_encode
-
-config = load_config(args["config"])
-t0 = time.perf_counter()
-summary = run_encode(config)
-seconds = time.perf_counter() - t0
-print(json.dumps({"images": summary.images, "seconds": seconds}))
-'''
+from benchmarks import common
 
 _PEER = r'''
 import io, sys, time, json
@@ -131,20 +114,6 @@ def _channels_last(args) -> bool:
     return ModelConfig(channels_last=value).channels_last_on(_device_type(args))
 
 
-def _run(script: str, payload: dict) -> dict:
-    """Run one job in its own process; returns images, seconds (after Ray is up) and peak memory."""
-    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(payload)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, RAY_DEDUP_LOGS="0"))
-    with TreePeak(proc.pid) as mem:
-        out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark job failed (exit {proc.returncode}):\n{err[-4000:]}")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["peak_mb"] = mem.peak / 2**20
-    result["memory_measure"] = mem.measure
-    return result
-
-
 def run_peer(args, shards: list[str], out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     gpus = 1 if args.device.startswith("cuda") else 0
@@ -155,50 +124,37 @@ def run_peer(args, shards: list[str], out: Path) -> dict:
                # CPUs (as ours do), so it reserves none: the preprocessing tasks may then run on
                # every CPU too, as our decoders do, and the OS shares the cores on both sides.
                "encoder_cpus": 1 if gpus else 0, "torch_threads": _torch_threads(args), "channels_last": _channels_last(args)}
-    return _run(_PEER, payload)
+    return common.run_script(_PEER, payload, peak_memory=True)
 
 
 def run_ours(args, shards: list[str], workdir: Path) -> dict:
-    import yaml
-
     out = workdir / "ours-out"
     shutil.rmtree(out, ignore_errors=True)
-    cfg = workdir / "ours.yaml"
     gpus = 1 if args.device.startswith("cuda") else 0
-    cfg.write_text(yaml.safe_dump({
-        "input": {"urls": shards},
-        "output": {"path": str(out), "dtype": "fp16"},
-        "model": {"preset": args.preset, "dtype": args.dtype, "channels_last": _channels_last(args)},
-        "preprocess": {"resolution": args.resolution},
-        "ray": {"workers": 1, "num_gpus_per_worker": gpus, "num_cpus_per_worker": args.cpus, "batch_size": args.batch},
-        "qa": {"samples": 8},
-    }))
-    return _run(_OURS, {"config": str(cfg), "cpus": args.cpus, "gpus": gpus})
+    cfg = common.write_job_config(
+        workdir / "ours.yaml", shards, out, preset=args.preset, resolution=args.resolution, batch=args.batch,
+        cpus=args.cpus, gpus=gpus, output={"dtype": "fp16"},
+        model={"dtype": args.dtype, "channels_last": _channels_last(args)},
+    )
+    payload = {"config": str(cfg), "cpus": args.cpus, "gpus": gpus}
+    return common.run_script(common.ENCODE_JOB, payload, peak_memory=True)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--resolution", type=int, default=128)
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--per-shard", type=int, default=128)
+    common.add_job_arguments(p, shards=4, per_shard=128)
     p.add_argument("--source-side", type=int, default=0,
                    help="shorter side of the JPEGs in px (default: 1.25 x --resolution); web-scale shards "
                         "hold images several times larger than the training resolution")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"],
                    help="memory format of both encoders (auto: on for CPU, off for CUDA)")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-raydata-"))
     source_side = args.source_side or int(args.resolution * 1.25)
-    shards = make_bench_shards(workdir / "shards", args.shards, args.per_shard, source_side)
+    shards = common.make_bench_shards(workdir / "shards", args.shards, args.per_shard, source_side)
     results: dict[str, list[dict]] = {"ours": [], "ray-data": []}
     variants = [("ours", lambda: run_ours(args, shards, workdir)),
                 ("ray-data", lambda: run_peer(args, shards, workdir / "peer-out"))]
@@ -211,9 +167,9 @@ def main(argv=None) -> int:
             print(f"  {name}: {r['images']} images in {r['seconds']:.1f}s = {r['rate']:.2f} images/s, "
                   f"peak {r['peak_mb']:.0f} MiB", file=sys.stderr, flush=True)
 
-    med = {k: {m: median(r[m] for r in v) for m in ("rate", "peak_mb", "images")} for k, v in results.items()}
+    med = {k: {m: common.median(r[m] for r in v) for m in ("rate", "peak_mb", "images")} for k, v in results.items()}
     measure = results["ours"][0]["memory_measure"].upper()
-    print(table(
+    print(common.table(
         f"Ours vs the Ray Data way: {args.preset} @ {args.resolution}px, {args.dtype}, batch {args.batch}, "
         f"{args.device}, {args.cpus} CPUs, {args.shards * args.per_shard} JPEGs of {source_side}px x {args.repeats} repeats",
         ["pipeline", "images", "images/s (median)", "range", f"peak {measure} MiB (median)"],
@@ -221,7 +177,7 @@ def main(argv=None) -> int:
           v["peak_mb"]] for k, v in med.items()]))
     ratio = med["ours"]["rate"] / med["ray-data"]["rate"]
     mem_ratio = med["ours"]["peak_mb"] / med["ray-data"]["peak_mb"]
-    print(table("Ratios", ["ratio", "value"], [["ours / ray-data images/s", ratio],
+    print(common.table("Ratios", ["ratio", "value"], [["ours / ray-data images/s", ratio],
                                                [f"ours / ray-data peak {measure}", mem_ratio]]))
     if args.json:
         Path(args.json).write_text(json.dumps({"medians": med, "runs": results, "speed_ratio": ratio,

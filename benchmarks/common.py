@@ -1,15 +1,21 @@
-"""Shared pieces of the benchmarks: bench shards, medians, a peak-memory sampler, tables."""
+"""Shared pieces of the benchmarks: bench shards, common arguments, the encode job in a process of its
+own, medians, peak-memory samplers, tables."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +74,76 @@ def make_bench_shards(folder: Path, shards: int, per_shard: int, source_side: in
     return urls
 
 
+def add_job_arguments(p: argparse.ArgumentParser, *, shards: int, per_shard: int, dtype: str = "fp32") -> None:
+    """The arguments every end-to-end benchmark takes: model, shards, batch, device, outputs."""
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--shards", type=int, default=shards)
+    p.add_argument("--per-shard", type=int, default=per_shard)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--dtype", default=dtype, choices=["fp32", "fp16", "bf16"], help="compute dtype of the encoder")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None, help="also write the figures here")
+
+
+def write_job_config(path: Path, shards: list[str], out: Path, *, preset: str, resolution: int, batch: int, cpus: float,
+                     gpus: int, output: dict | None = None, model: dict | None = None, ray: dict | None = None) -> Path:
+    """A job config of one encode worker over `shards`, written as YAML to `path`; `output`,
+    `model` and `ray` add keys to those sections."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "input": {"urls": shards},
+        "output": {"path": str(out), **(output or {})},
+        "model": {"preset": preset, **(model or {})},
+        "preprocess": {"resolution": resolution},
+        "ray": {"workers": 1, "num_gpus_per_worker": gpus, "num_cpus_per_worker": cpus, "batch_size": batch,
+                **(ray or {})},
+        "qa": {"samples": 8},
+    }))
+    return path
+
+
+#: What `python -m pipeline encode CONFIG` runs once Ray is up (`run_encode`), in a process that
+#: first starts a local Ray instance; argv[1] is JSON {"config", "cpus", "gpus"}. Prints
+#: {"images", "seconds"}, timed from after `ray.init`, so actor start and model load count.
+ENCODE_JOB = r'''
+import json, sys, time
+import ray
+
+args = json.loads(sys.argv[1])
+ray.init(num_cpus=args["cpus"], num_gpus=args["gpus"], include_dashboard=False, log_to_driver=False)
+from pipeline.config import load_config
+from pipeline.driver import run_encode
+
+config = load_config(args["config"])
+t0 = time.perf_counter()
+summary = run_encode(config)
+print(json.dumps({"images": summary.images, "seconds": time.perf_counter() - t0}))
+'''
+
+
+def run_script(script: str, payload: dict, *, peak_memory: bool = False) -> dict[str, Any]:
+    """Run a job script in its own Python process (`payload` as JSON in argv[1]); returns the JSON
+    of its last output line. With `peak_memory`, also `peak_mb` and `memory_measure` of the
+    process tree (see `TreePeak`)."""
+    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(payload)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, RAY_DEDUP_LOGS="0"))
+    if peak_memory:
+        with TreePeak(proc.pid) as mem:
+            out, err = proc.communicate()
+    else:
+        out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark job failed (exit {proc.returncode}):\n{err[-4000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    if peak_memory:
+        result["peak_mb"] = mem.peak / 2**20
+        result["memory_measure"] = mem.measure
+    return result
+
+
 def median(values: Iterable[float]) -> float:
     return float(statistics.median(list(values)))
 
@@ -84,23 +160,15 @@ def timed(fn: Callable[[], int], repeats: int, warmup: int = 1) -> list[float]:
     return rates
 
 
-class PeakRSS:
-    """Samples resident memory of process groups in the background and keeps each group's peak.
+class _Sampler:
+    """Runs `_sample` every `interval` seconds in a background thread while the `with` block runs."""
 
-    `groups` maps a name to a predicate over a psutil.Process (e.g. "the driver", "Ray workers");
-    a group's figure is the largest single process of the group (`per_process=True`) or the
-    group's sum at one instant.
-    """
-
-    def __init__(self, groups: dict[str, Callable], per_process: bool = False, interval: float = 0.1):
-        self.groups = groups
-        self.per_process = per_process
+    def __init__(self, interval: float):
         self.interval = interval
-        self.peak = dict.fromkeys(groups, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -109,24 +177,46 @@ class PeakRSS:
         self._thread.join()
 
     def _run(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            current = dict.fromkeys(self.groups, 0)
-            for proc in psutil.process_iter(["cmdline"]):
-                try:
-                    rss = proc.memory_info().rss
-                    for name, pred in self.groups.items():
-                        if pred(proc):
-                            current[name] = max(current[name], rss) if self.per_process else current[name] + rss
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    continue
-            for name, value in current.items():
-                self.peak[name] = max(self.peak[name], value)
+        while not self._stop.is_set() and self._sample():
             self._stop.wait(self.interval)
 
+    def _sample(self) -> bool:
+        """Take one sample; False ends the sampling."""
+        raise NotImplementedError
 
-class TreePeak:
+
+class PeakRSS(_Sampler):
+    """Samples resident memory of process groups in the background and keeps each group's peak.
+
+    `groups` maps a name to a predicate over a psutil.Process (e.g. "the driver", "Ray workers");
+    a group's figure is the largest single process of the group (`per_process=True`) or the
+    group's sum at one instant.
+    """
+
+    def __init__(self, groups: dict[str, Callable], per_process: bool = False, interval: float = 0.1):
+        super().__init__(interval)
+        self.groups = groups
+        self.per_process = per_process
+        self.peak = dict.fromkeys(groups, 0)
+
+    def _sample(self) -> bool:
+        import psutil
+
+        current = dict.fromkeys(self.groups, 0)
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                rss = proc.memory_info().rss
+                for name, pred in self.groups.items():
+                    if pred(proc):
+                        current[name] = max(current[name], rss) if self.per_process else current[name] + rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        for name, value in current.items():
+            self.peak[name] = max(self.peak[name], value)
+        return True
+
+
+class TreePeak(_Sampler):
     """Peak memory of a process and all its descendants (a job's driver, raylet, GCS, workers).
 
     Sums PSS (proportional set size) where the kernel reports it: pages shared between processes
@@ -137,20 +227,11 @@ class TreePeak:
     # Reading PSS of a process that maps torch takes milliseconds; sampled every 0.1 s over a
     # job's dozen processes that took a tenth of a 2-core machine away from the job measured.
     def __init__(self, pid: int, interval: float = 0.5):
+        super().__init__(interval)
         self.pid = pid
-        self.interval = interval
         self.peak = 0
         self.measure = "pss"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> TreePeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._root = None
 
     def _one(self, proc) -> int:
         import psutil
@@ -163,26 +244,23 @@ class TreePeak:
             self.measure = "rss"
             return proc.memory_info().rss
 
-    def _run(self) -> None:
+    def _sample(self) -> bool:
         import psutil
 
         try:
-            root = psutil.Process(self.pid)
+            if self._root is None:
+                self._root = psutil.Process(self.pid)
+            procs = [self._root, *self._root.children(recursive=True)]
         except psutil.NoSuchProcess:
-            return
-        while not self._stop.is_set():
-            total = 0
+            return False
+        total = 0
+        for proc in procs:
             try:
-                procs = [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            for proc in procs:
-                try:
-                    total += self._one(proc)
-                except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-                    continue
-            self.peak = max(self.peak, total)
-            self._stop.wait(self.interval)
+                total += self._one(proc)
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                continue
+        self.peak = max(self.peak, total)
+        return True
 
 
 def cmdline_has(*needles: str) -> Callable:

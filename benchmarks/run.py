@@ -23,6 +23,8 @@ BENCHES = [
     ["benchmarks.bench_raydata", "--preset", "tiny", "--resolution", "128", "--shards", "4", "--per-shard", "128",
      "--repeats", "5"],
     ["benchmarks.bench_memory", "--preset", "tiny", "--resolution", "128", "--shards", "2", "--per-shard", "64"],
+    ["benchmarks.bench_outputs", "--case", "decode"],
+    ["benchmarks.bench_outputs", "--case", "encoder"],
 ]
 
 

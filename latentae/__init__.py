@@ -8,20 +8,21 @@ Pure PyTorch + safetensors. Typical use::
     latents = ae.scale_latents(posterior.mean)
 """
 
-from .autoencoder import AutoencoderKL, DiagonalGaussian
+from .autoencoder import AutoencoderKL, DiagonalGaussian, sample_gaussian
 from .checkpoint import CheckpointError
-from .config import AutoencoderConfig, ConfigError
+from .config import AutoencoderConfig, AutoencoderConfigError
 from .encoder import Decoder, Encoder
 from .presets import get_preset, list_presets
 
 __all__ = [
     "AutoencoderConfig",
+    "AutoencoderConfigError",
     "AutoencoderKL",
     "CheckpointError",
-    "ConfigError",
     "Decoder",
     "DiagonalGaussian",
     "Encoder",
     "get_preset",
     "list_presets",
+    "sample_gaussian",
 ]

@@ -14,13 +14,21 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
-from .config import AutoencoderConfig, ConfigError
+from .config import AutoencoderConfig, AutoencoderConfigError
 from .encoder import Decoder, Encoder
 from .presets import SHIPPED_WEIGHTS, get_preset
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def sample_gaussian(mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One draw of N(mean, exp(logvar)): ``mean + exp(logvar / 2) * eps``, eps standard normal of
+    ``mean``'s shape and dtype, drawn on ``generator``'s device (which may differ from the tensors')."""
+    device = generator.device if generator is not None else mean.device
+    eps = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * eps.to(mean.device)
 
 
 class DiagonalGaussian:
@@ -45,10 +53,8 @@ class DiagonalGaussian:
         return torch.exp(self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """Draw ``mean + std * eps``; ``generator`` may live on another device than the tensors."""
-        device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
+        """Draw ``mean + std * eps`` (see `sample_gaussian`)."""
+        return sample_gaussian(self.mean, self.logvar, generator)
 
     def mode(self) -> Tensor:
         return self.mean
@@ -122,6 +128,11 @@ class AutoencoderKL(nn.Module):
         return self.config.downsample_factor
 
     @property
+    def channels_last(self) -> bool:
+        """Whether ``prepare`` put the model in channels_last memory format."""
+        return self._channels_last
+
+    @property
     def compute_dtype(self) -> torch.dtype:
         """dtype that ``encode``/``decode`` compute in (set by ``prepare``)."""
         return self._compute_dtype
@@ -142,26 +153,30 @@ class AutoencoderKL(nn.Module):
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def _prepare_input(self, x: Tensor) -> Tensor:
+    def _prepare_input(self, x: Tensor, compute_dtype: torch.dtype) -> Tensor:
         if not torch.is_floating_point(x):
             raise TypeError(f"expected a floating point tensor, got {x.dtype}")
         # With autocast, convs cast their input themselves; an extra fp32 copy would only cost memory.
-        dtype = torch.float32 if self._compute_dtype == torch.float32 else x.dtype
+        dtype = torch.float32 if compute_dtype == torch.float32 else x.dtype
         x = x.to(device=self._device(), dtype=dtype)
         # Inputs enter in the prepared layout whatever their strides (e.g. a posterior mean is a strided
         # view), so the same convolution kernels run every time.
         return x.contiguous(memory_format=torch.channels_last if self._channels_last else torch.contiguous_format)
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self._compute_dtype == torch.float32:
+    def _autocast(self, compute_dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
+        if compute_dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self._device().type, dtype=self._compute_dtype)
+        return torch.autocast(device_type=self._device().type, dtype=compute_dtype)
 
-    def encode(self, x: Tensor) -> DiagonalGaussian:
+    def encode(self, x: Tensor, *, dtype: str | torch.dtype | None = None) -> DiagonalGaussian:
         """Images ``[B, in_channels, H, W]`` in [-1, 1] (H, W divisible by ``downsample_factor``) ->
-        posterior over ``[B, latent_channels, H/f, W/f]`` latents (float32)."""
-        x = self._prepare_input(x)
-        with self._autocast():
+        posterior over ``[B, latent_channels, H/f, W/f]`` latents (float32).
+
+        ``dtype`` ("fp32" | "fp16" | "bf16") computes this call in another dtype than the one
+        ``prepare`` set, e.g. once more in fp32 for images whose fp16 posterior overflowed."""
+        compute_dtype = self._compute_dtype if dtype is None else _compute_dtype(dtype)
+        x = self._prepare_input(x, compute_dtype)
+        with self._autocast(compute_dtype):
             moments = self.encoder(x)
             if self.quant_conv is not None:
                 moments = self.quant_conv(moments)
@@ -170,8 +185,8 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Raw (unscaled) latents ``[B, latent_channels, h, w]`` -> images ``[B, out_channels, h*f, w*f]``
         (float32, roughly in [-1, 1])."""
-        z = self._prepare_input(z)
-        with self._autocast():
+        z = self._prepare_input(z, self._compute_dtype)
+        with self._autocast(self._compute_dtype):
             if self.post_quant_conv is not None:
                 z = self.post_quant_conv(z)
             x = self.decoder(z)
@@ -195,17 +210,12 @@ class AutoencoderKL(nn.Module):
         """Set up the inference path: eval mode, frozen weights on ``device``, autocast in ``dtype``
         ("fp32" | "fp16" | "bf16") with fp32 weights and float32 outputs, optional channels_last
         memory format and ``torch.compile`` of encoder and decoder. Returns self."""
-        if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise ConfigError(f"compute dtype must be one of {list(_DTYPES)}, got {dtype!r}")
-            dtype = _DTYPES[dtype]
-        elif dtype not in _DTYPES.values():
-            raise ConfigError(f"compute dtype must be one of {list(_DTYPES)}, got {dtype}")
+        compute_dtype = _compute_dtype(dtype)
         self.eval().requires_grad_(False)
         self.to(device=torch.device(device))
         if channels_last:
             self.to(memory_format=torch.channels_last)
-        self._compute_dtype = dtype
+        self._compute_dtype = compute_dtype
         self._channels_last = channels_last
         if compile:
             # Module.compile keeps parameter names (state_dict keys) unchanged, unlike torch.compile(module).
@@ -268,6 +278,17 @@ class AutoencoderKL(nn.Module):
         return checkpoint.save_native(self, self.config, path, prefix=prefix)
 
 
+def _compute_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A compute dtype given by name ("fp32" | "fp16" | "bf16") or as a torch dtype, checked."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise AutoencoderConfigError(f"compute dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        return _DTYPES[dtype]
+    if dtype not in _DTYPES.values():
+        raise AutoencoderConfigError(f"compute dtype must be one of {list(_DTYPES)}, got {dtype}")
+    return dtype
+
+
 def _apply_overrides(config: AutoencoderConfig, json_path: Path) -> AutoencoderConfig:
     """Apply the overrides of a shipped preset's ``.json`` side file.
 
@@ -279,11 +300,11 @@ def _apply_overrides(config: AutoencoderConfig, json_path: Path) -> AutoencoderC
     with open(json_path, encoding="utf-8") as f:
         data = json.load(f)
     if not isinstance(data, dict):
-        raise ConfigError(f"{json_path} must hold a JSON object")
+        raise AutoencoderConfigError(f"{json_path} must hold a JSON object")
     fields = set(AutoencoderConfig.field_names())
     overrides = {k: v for k, v in data.items() if k in fields}
     nested = data.get("config", {})
     if not isinstance(nested, dict):
-        raise ConfigError(f"{json_path}: key 'config' must be an object")
+        raise AutoencoderConfigError(f"{json_path}: key 'config' must be an object")
     overrides.update(nested)
     return config.replace(**overrides) if overrides else config

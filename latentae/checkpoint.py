@@ -22,7 +22,7 @@ import json
 import logging
 import pickle
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .config import AutoencoderConfig, ConfigError
+from .config import AutoencoderConfig, AutoencoderConfigError
 from .presets import get_preset, list_presets, matching_presets
 
 logger = logging.getLogger(__name__)
@@ -187,11 +187,92 @@ def is_diffusers_naming(keys: Iterable[str]) -> bool:
     )
 
 
-_DIFFUSERS_ATTN = {
-    "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
-    "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out",
-}
-_NATIVE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+# Tensor names under "encoder."/"decoder.", one row per kind of tensor: (native name, diffusers name).
+# Both conversions read this one table, each in its own direction. Fields:
+#   {level} level index, the same in both namings (down blocks);
+#   {up}    level index of an up block: diffusers counts from the lowest resolution, so it is reversed;
+#   {mid}   middle ResnetBlock: native block_1/block_2, diffusers resnets.0/1;
+#   {i}     block index within a level;
+#   {res}, {att}  rest of a ResnetBlock / attention tensor name, submodule renamed (_RESNET_NAMES,
+#           _ATTN_NAMES);
+#   {rest}  rest of the name, unchanged.
+_KEY_TABLE: tuple[tuple[str, str], ...] = (
+    ("conv_in.{rest}", "conv_in.{rest}"),
+    ("conv_out.{rest}", "conv_out.{rest}"),
+    ("norm_out.{rest}", "conv_norm_out.{rest}"),
+    ("mid.block_{mid}.{res}", "mid_block.resnets.{mid}.{res}"),
+    ("mid.attn_1.{att}", "mid_block.attentions.0.{att}"),
+    ("down.{level}.block.{i}.{res}", "down_blocks.{level}.resnets.{i}.{res}"),
+    ("down.{level}.attn.{i}.{att}", "down_blocks.{level}.attentions.{i}.{att}"),
+    ("down.{level}.downsample.conv.{rest}", "down_blocks.{level}.downsamplers.0.conv.{rest}"),
+    ("up.{up}.block.{i}.{res}", "up_blocks.{up}.resnets.{i}.{res}"),
+    ("up.{up}.attn.{i}.{att}", "up_blocks.{up}.attentions.{i}.{att}"),
+    ("up.{up}.upsample.conv.{rest}", "up_blocks.{up}.upsamplers.0.conv.{rest}"),
+)
+_FIELD_PATTERNS = {"level": r"\d+", "up": r"\d+", "mid": r"\d", "i": r"\d+", "res": ".+", "att": ".+", "rest": ".+"}
+
+# Submodules of ResnetBlocks and attention blocks: (native, diffusers, older diffusers names also read).
+# diffusers' ResnetBlock2D calls its 1x1 shortcut "conv_shortcut"; CompVis calls it "nin_shortcut".
+_SubmoduleNames = tuple[tuple[str, str, tuple[str, ...]], ...]
+_RESNET_NAMES: _SubmoduleNames = (("nin_shortcut", "conv_shortcut", ()),)
+_ATTN_NAMES: _SubmoduleNames = (
+    ("norm", "group_norm", ()),
+    ("q", "to_q", ("query",)),
+    ("k", "to_k", ("key",)),
+    ("v", "to_v", ("value",)),
+    ("proj_out", "to_out.0", ("proj_attn",)),
+)
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, ...
+    return re.compile("".join(
+        re.escape(part) if i % 2 == 0 else f"(?P<{part}>{_FIELD_PATTERNS[part]})" for i, part in enumerate(parts)
+    ))
+
+
+# (pattern of one naming, template of the other) for each direction.
+_DIFFUSERS_TO_NATIVE = [(_template_regex(diffusers), native) for native, diffusers in _KEY_TABLE]
+_NATIVE_TO_DIFFUSERS = [(_template_regex(native), diffusers) for native, diffusers in _KEY_TABLE]
+
+
+def _submodule_map(names: _SubmoduleNames, to_native: bool) -> dict[str, str]:
+    if to_native:
+        return {old: native for native, diffusers, older in names for old in (diffusers, *older)}
+    return {native: diffusers for native, diffusers, _ in names}
+
+
+def _rename_submodule(leaf: str, names: Mapping[str, str]) -> str:
+    module, _, param = leaf.rpartition(".")
+    return f"{names[module]}.{param}" if module in names else leaf
+
+
+def _field_converters(num_levels: int, to_native: bool) -> dict[str, Callable[[str], str]]:
+    """For each field of _KEY_TABLE: its value in one naming -> its value in the other."""
+    resnet = _submodule_map(_RESNET_NAMES, to_native)
+    attn = _submodule_map(_ATTN_NAMES, to_native)
+    return {
+        "level": lambda v: str(int(v)),
+        "up": lambda v: str(num_levels - 1 - int(v)),
+        "mid": lambda v: str(int(v) + 1 if to_native else int(v) - 1),
+        "i": lambda v: v,
+        "res": lambda v: _rename_submodule(v, resnet),
+        "att": lambda v: _rename_submodule(v, attn),
+        "rest": lambda v: v,
+    }
+
+
+def _rename_key(
+    key: str, rules: list[tuple[re.Pattern[str], str]], fields: Mapping[str, Callable[[str], str]]
+) -> str | None:
+    """`key` renamed by the first rule that matches its name under "encoder."/"decoder.", else None."""
+    part, _, rest = key.partition(".")
+    if part not in ("encoder", "decoder"):
+        return None
+    for pattern, template in rules:
+        if m := pattern.fullmatch(rest):
+            return f"{part}." + template.format(**{k: fields[k](v) for k, v in m.groupdict().items()})
+    return None
 
 
 def _count_levels(keys: Iterable[str], pattern: str) -> int:
@@ -201,98 +282,27 @@ def _count_levels(keys: Iterable[str], pattern: str) -> int:
 
 def diffusers_to_native(tensors: Mapping[str, Tensor], source: str = "checkpoint") -> dict[str, Tensor]:
     """Rename diffusers AutoencoderKL tensors to the CompVis names used by ``latentae``."""
-    num_up = _count_levels(tensors, r"decoder\.up_blocks\.(\d+)\.")
+    fields = _field_converters(_count_levels(tensors, r"decoder\.up_blocks\.(\d+)\."), to_native=True)
     out: dict[str, Tensor] = {}
     for key, value in tensors.items():
-        new = _diffusers_key_to_native(key, num_up)
-        if new is None:
-            new = key  # left as is: reported as unexpected when loaded
+        # Unmatched: the quant convs (named alike in both), or a stray key reported as unexpected when loaded.
+        new = _rename_key(key, _DIFFUSERS_TO_NATIVE, fields) or key
         if new in out:
             raise CheckpointError(f"{source}: keys map to the same tensor {new!r} (mixed attention namings?)")
         out[new] = value
     return out
 
 
-def _diffusers_key_to_native(key: str, num_up: int) -> str | None:
-    m = re.fullmatch(r"(encoder|decoder)\.(.+)", key)
-    if m is None:
-        return key if key.split(".")[0] in ("quant_conv", "post_quant_conv") else None
-    part, rest = m.groups()
-    for old, new in (("conv_in.", "conv_in."), ("conv_out.", "conv_out."), ("conv_norm_out.", "norm_out.")):
-        if rest.startswith(old):
-            return f"{part}.{new}{rest[len(old):]}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", rest):
-        return f"{part}.mid.block_{int(m.group(1)) + 1}.{_resnet_leaf(m.group(2))}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", rest):
-        return f"{part}.mid.attn_1.{_attn_leaf(m.group(1))}"
-    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(.+)", rest):
-        kind, idx, tail = m.group(1), int(m.group(2)), m.group(3)
-        level = idx if kind == "down" else num_up - 1 - idx
-        if m2 := re.fullmatch(r"resnets\.(\d+)\.(.+)", tail):
-            return f"{part}.{kind}.{level}.block.{m2.group(1)}.{_resnet_leaf(m2.group(2))}"
-        if m2 := re.fullmatch(r"attentions\.(\d+)\.(.+)", tail):
-            return f"{part}.{kind}.{level}.attn.{m2.group(1)}.{_attn_leaf(m2.group(2))}"
-        if m2 := re.fullmatch(r"downsamplers\.0\.conv\.(.+)", tail):
-            return f"{part}.down.{level}.downsample.conv.{m2.group(1)}"
-        if m2 := re.fullmatch(r"upsamplers\.0\.conv\.(.+)", tail):
-            return f"{part}.up.{level}.upsample.conv.{m2.group(1)}"
-    return None
-
-
-def _resnet_leaf(leaf: str) -> str:
-    # diffusers' ResnetBlock2D calls its 1x1 shortcut "conv_shortcut"; CompVis calls it "nin_shortcut".
-    return "nin_shortcut." + leaf[len("conv_shortcut."):] if leaf.startswith("conv_shortcut.") else leaf
-
-
-def _attn_leaf(leaf: str) -> str:
-    name, _, param = leaf.rpartition(".")
-    return f"{_DIFFUSERS_ATTN.get(name, name)}.{param}"
-
-
 def native_to_diffusers(state: Mapping[str, Tensor], num_levels: int) -> dict[str, Tensor]:
     """Rename native tensors to diffusers names; attention projections become Linear ``[C, C]``."""
+    fields = _field_converters(num_levels, to_native=False)
     out: dict[str, Tensor] = {}
     for key, value in state.items():
-        new = _native_key_to_diffusers(key, num_levels)
+        new = _rename_key(key, _NATIVE_TO_DIFFUSERS, fields) or key
         if re.search(r"attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", new) and value.ndim == 4:
             value = value.reshape(value.shape[0], value.shape[1])
         out[new] = value
     return out
-
-
-def _native_key_to_diffusers(key: str, num_levels: int) -> str:
-    m = re.fullmatch(r"(encoder|decoder)\.(.+)", key)
-    if m is None:
-        return key
-    part, rest = m.groups()
-    if rest.startswith("norm_out."):
-        return f"{part}.conv_norm_out.{rest[len('norm_out.'):]}"
-    if m := re.fullmatch(r"mid\.block_(\d)\.(.+)", rest):
-        return f"{part}.mid_block.resnets.{int(m.group(1)) - 1}.{_native_resnet_leaf(m.group(2))}"
-    if m := re.fullmatch(r"mid\.attn_1\.(.+)", rest):
-        return f"{part}.mid_block.attentions.0.{_native_attn_leaf(m.group(1))}"
-    if m := re.fullmatch(r"(down|up)\.(\d+)\.(.+)", rest):
-        kind, level, tail = m.group(1), int(m.group(2)), m.group(3)
-        idx = level if kind == "down" else num_levels - 1 - level
-        block = f"{part}.{kind}_blocks.{idx}"
-        if m2 := re.fullmatch(r"block\.(\d+)\.(.+)", tail):
-            return f"{block}.resnets.{m2.group(1)}.{_native_resnet_leaf(m2.group(2))}"
-        if m2 := re.fullmatch(r"attn\.(\d+)\.(.+)", tail):
-            return f"{block}.attentions.{m2.group(1)}.{_native_attn_leaf(m2.group(2))}"
-        if m2 := re.fullmatch(r"downsample\.conv\.(.+)", tail):
-            return f"{block}.downsamplers.0.conv.{m2.group(1)}"
-        if m2 := re.fullmatch(r"upsample\.conv\.(.+)", tail):
-            return f"{block}.upsamplers.0.conv.{m2.group(1)}"
-    return key
-
-
-def _native_resnet_leaf(leaf: str) -> str:
-    return "conv_shortcut." + leaf[len("nin_shortcut."):] if leaf.startswith("nin_shortcut.") else leaf
-
-
-def _native_attn_leaf(leaf: str) -> str:
-    name, _, param = leaf.rpartition(".")
-    return f"{_NATIVE_ATTN.get(name, name)}.{param}"
 
 
 def to_native(tensors: Mapping[str, Tensor], source: str = "checkpoint") -> dict[str, Tensor]:
@@ -320,23 +330,23 @@ def config_from_diffusers(d: Mapping[str, Any]) -> AutoencoderConfig:
         up_types = list(d.get("up_block_types") or ["UpDecoderBlock2D"] * len(boc))
         latent = int(d["latent_channels"])
     except KeyError as exc:
-        raise ConfigError(f"diffusers config lacks key {exc.args[0]!r}") from None
+        raise AutoencoderConfigError(f"diffusers config lacks key {exc.args[0]!r}") from None
     if d.get("act_fn", "silu") != "silu":
-        raise ConfigError(f"diffusers config key 'act_fn' must be 'silu', got {d['act_fn']!r}")
+        raise AutoencoderConfigError(f"diffusers config key 'act_fn' must be 'silu', got {d['act_fn']!r}")
     ch = boc[0]
     if any(c % ch for c in boc):
-        raise ConfigError(f"diffusers config key 'block_out_channels' {boc} is not a multiple of its first entry")
+        raise AutoencoderConfigError(f"diffusers config key 'block_out_channels' {boc} is not a multiple of its first entry")
     n = len(boc)
     if len(down_types) != n or len(up_types) != n:
-        raise ConfigError("diffusers config keys 'down_block_types'/'up_block_types' must match 'block_out_channels'")
+        raise AutoencoderConfigError("diffusers config keys 'down_block_types'/'up_block_types' must match 'block_out_channels'")
     enc_attn = _levels_with_attention(down_types, "DownEncoderBlock2D", "AttnDownEncoderBlock2D", "down_block_types")
     dec_attn = {n - 1 - i for i in _levels_with_attention(up_types, "UpDecoderBlock2D", "AttnUpDecoderBlock2D",
                                                           "up_block_types")}
     if enc_attn != dec_attn:
-        raise ConfigError("diffusers config: encoder and decoder attention levels differ, which latentae cannot build")
+        raise AutoencoderConfigError("diffusers config: encoder and decoder attention levels differ, which latentae cannot build")
     mid_attn = bool(d.get("mid_block_add_attention", True))
     if not mid_attn and enc_attn:
-        raise ConfigError("diffusers config: 'mid_block_add_attention' False with attention blocks elsewhere")
+        raise AutoencoderConfigError("diffusers config: 'mid_block_add_attention' False with attention blocks elsewhere")
     resolution = 256
     shift = d.get("shift_factor")
     return AutoencoderConfig(
@@ -364,22 +374,22 @@ def _levels_with_attention(types: list[str], plain: str, attn: str, key: str) ->
         if t == attn:
             levels.add(i)
         elif t != plain:
-            raise ConfigError(f"diffusers config key {key!r}: unsupported block type {t!r} (use {plain} or {attn})")
+            raise AutoencoderConfigError(f"diffusers config key {key!r}: unsupported block type {t!r} (use {plain} or {attn})")
     return levels
 
 
 def config_to_diffusers(config: AutoencoderConfig) -> dict[str, Any]:
     """A diffusers ``AutoencoderKL`` config.json for ``config`` (which diffusers must be able to express)."""
     if config.attn_type == "linear":
-        raise ConfigError("config field 'attn_type' is 'linear', which diffusers cannot express; use save_compvis")
+        raise AutoencoderConfigError("config field 'attn_type' is 'linear', which diffusers cannot express; use save_compvis")
     if config.embed_dim != config.z_channels:
-        raise ConfigError(
+        raise AutoencoderConfigError(
             f"config fields 'embed_dim' ({config.embed_dim}) and 'z_channels' ({config.z_channels}) differ, "
             "which diffusers cannot express; use save_compvis"
         )
     levels = set(config.attention_levels())
     if config.attn_type == "none" and levels:
-        raise ConfigError("attn_type 'none' with attn_resolutions set: diffusers cannot express it")
+        raise AutoencoderConfigError("attn_type 'none' with attn_resolutions set: diffusers cannot express it")
     n = len(config.ch_mult)
     return {
         "_class_name": "AutoencoderKL",
@@ -467,7 +477,7 @@ def infer_config(state: Mapping[str, Tensor], source: str = "checkpoint") -> Aut
             use_quant_conv=use_quant, use_post_quant_conv=use_post_quant, attn_type=attn_type,
             scaling_factor=1.0, shift_factor=0.0,
         )
-    except ConfigError as exc:
+    except AutoencoderConfigError as exc:
         raise ArchitectureError(f"cannot infer the architecture of {source}: {exc}; {hint}") from None
     matches = matching_presets(config)
     if len(matches) == 1:

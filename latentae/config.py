@@ -6,10 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .encoder import ATTN_TYPES
+from .encoder import check_architecture
 
 
-class ConfigError(ValueError):
+class AutoencoderConfigError(ValueError):
     """An autoencoder configuration field is missing, unknown or out of range (the message names it)."""
 
 
@@ -54,39 +54,32 @@ class AutoencoderConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first inconsistent field."""
-        for name in ("in_channels", "out_channels", "ch", "num_res_blocks", "resolution", "z_channels", "embed_dim",
-                     "norm_num_groups"):
+        """Raise AutoencoderConfigError naming the first inconsistent field."""
+        for name in ("in_channels", "out_channels", "resolution", "z_channels", "embed_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config field {name!r} must be a positive int, got {value!r}")
-        if self.ch % self.norm_num_groups != 0:
-            raise ConfigError(
-                f"config field 'ch' must be a multiple of 'norm_num_groups' ({self.norm_num_groups}), got {self.ch}"
-            )
-        if not self.ch_mult or any(m <= 0 for m in self.ch_mult):
-            raise ConfigError(f"config field 'ch_mult' must be non-empty positive ints, got {self.ch_mult}")
-        if self.attn_type not in ATTN_TYPES:
-            raise ConfigError(f"config field 'attn_type' must be one of {ATTN_TYPES}, got {self.attn_type!r}")
+                raise AutoencoderConfigError(f"config field {name!r} must be a positive int, got {value!r}")
+        check_architecture(self.ch, self.ch_mult, self.num_res_blocks, self.attn_type, self.norm_num_groups,
+                           error=AutoencoderConfigError, label="config field")
         if not self.double_z:
-            raise ConfigError(
+            raise AutoencoderConfigError(
                 "config field 'double_z' must be True for AutoencoderKL: the posterior takes its mean and "
                 "logvar from the encoder output"
             )
         if not self.use_quant_conv and self.embed_dim != self.z_channels:
-            raise ConfigError(
+            raise AutoencoderConfigError(
                 f"config field 'embed_dim' ({self.embed_dim}) must equal 'z_channels' ({self.z_channels}) "
                 "when use_quant_conv is False"
             )
         if not self.use_post_quant_conv and self.embed_dim != self.z_channels:
-            raise ConfigError(
+            raise AutoencoderConfigError(
                 f"config field 'embed_dim' ({self.embed_dim}) must equal 'z_channels' ({self.z_channels}) "
                 "when use_post_quant_conv is False"
             )
         if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"config field 'dropout' must be in [0, 1), got {self.dropout!r}")
+            raise AutoencoderConfigError(f"config field 'dropout' must be in [0, 1), got {self.dropout!r}")
         if not float(self.scaling_factor) > 0.0:
-            raise ConfigError(f"config field 'scaling_factor' must be > 0, got {self.scaling_factor!r}")
+            raise AutoencoderConfigError(f"config field 'scaling_factor' must be > 0, got {self.scaling_factor!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (tuples become lists)."""
@@ -103,11 +96,11 @@ class AutoencoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AutoencoderConfig:
-        """Build from a dict such as ``to_dict()`` returns; unknown keys raise ConfigError naming them."""
+        """Build from a dict such as ``to_dict()`` returns; unknown keys raise AutoencoderConfigError naming them."""
         known = set(cls.field_names())
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown autoencoder config keys: {unknown} (known: {sorted(known)})")
+            raise AutoencoderConfigError(f"unknown autoencoder config keys: {unknown} (known: {sorted(known)})")
         return cls(**data)
 
     def replace(self, **changes: Any) -> AutoencoderConfig:

@@ -214,17 +214,70 @@ def make_attn(in_channels: int, attn_type: str = "vanilla", norm_num_groups: int
     raise ValueError(f"attn_type must be one of {ATTN_TYPES}, got {attn_type!r}")
 
 
-def _check_common(ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_type: str, norm_num_groups: int) -> None:
-    if norm_num_groups <= 0:
-        raise ValueError(f"norm_num_groups must be positive, got {norm_num_groups}")
-    if ch <= 0 or ch % norm_num_groups != 0:
-        raise ValueError(f"ch must be a positive multiple of norm_num_groups ({norm_num_groups}), got {ch}")
-    if len(ch_mult) == 0 or any(m <= 0 for m in ch_mult):
-        raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {tuple(ch_mult)}")
-    if num_res_blocks < 1:
-        raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
+def check_architecture(
+    ch: int,
+    ch_mult: Sequence[int],
+    num_res_blocks: int,
+    attn_type: str,
+    norm_num_groups: int,
+    *,
+    error: type[ValueError] = ValueError,
+    label: str = "argument",
+) -> None:
+    """Raise `error` naming the first of these arguments that cannot build an Encoder or Decoder.
+
+    `AutoencoderConfig.validate` runs the same checks on its fields (``label="config field"``).
+    """
+    for name, value in (("ch", ch), ("num_res_blocks", num_res_blocks), ("norm_num_groups", norm_num_groups)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise error(f"{label} {name!r} must be a positive int, got {value!r}")
+    if ch % norm_num_groups != 0:
+        raise error(f"{label} 'ch' must be a multiple of 'norm_num_groups' ({norm_num_groups}), got {ch}")
+    if not ch_mult or any(m <= 0 for m in ch_mult):
+        raise error(f"{label} 'ch_mult' must be non-empty positive ints, got {tuple(ch_mult)}")
     if attn_type not in ATTN_TYPES:
-        raise ValueError(f"attn_type must be one of {ATTN_TYPES}, got {attn_type!r}")
+        raise error(f"{label} 'attn_type' must be one of {ATTN_TYPES}, got {attn_type!r}")
+
+
+class Level(nn.Module):
+    """One resolution level: ResnetBlocks ``block.{j}``, each followed by ``attn.{j}`` when the level
+    has attention. The Encoder adds ``downsample`` after it, the Decoder ``upsample``."""
+
+    def __init__(
+        self, *, in_channels: int, out_channels: int, num_blocks: int, attention: bool, dropout: float,
+        attn_type: str, norm_num_groups: int,
+    ) -> None:
+        super().__init__()
+        self.block = nn.ModuleList()
+        self.attn = nn.ModuleList()
+        for _ in range(num_blocks):
+            self.block.append(ResnetBlock(in_channels=in_channels, out_channels=out_channels, dropout=dropout,
+                                          norm_num_groups=norm_num_groups))
+            in_channels = out_channels
+            if attention:
+                self.attn.append(make_attn(out_channels, attn_type, norm_num_groups))
+
+    def forward(self, h: Tensor) -> Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if self.attn:
+                h = self.attn[i](h)
+        return h
+
+
+class MidBlock(nn.Module):
+    """The middle of both halves, at the lowest resolution: ``block_1``, ``attn_1``, ``block_2``."""
+
+    def __init__(self, channels: int, *, dropout: float, attn_type: str, norm_num_groups: int) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout,
+                                   norm_num_groups=norm_num_groups)
+        self.attn_1 = make_attn(channels, attn_type, norm_num_groups)
+        self.block_2 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout,
+                                   norm_num_groups=norm_num_groups)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
 
 
 class Encoder(nn.Module):
@@ -266,7 +319,7 @@ class Encoder(nn.Module):
         norm_num_groups: int = 32,
     ) -> None:
         super().__init__()
-        _check_common(ch, ch_mult, num_res_blocks, attn_type, norm_num_groups)
+        check_architecture(ch, ch_mult, num_res_blocks, attn_type, norm_num_groups)
         self.ch = ch
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -275,38 +328,24 @@ class Encoder(nn.Module):
         self.z_channels = z_channels
         self.double_z = double_z
         attn_resolutions = tuple(attn_resolutions)
+        block_args = {"dropout": dropout, "attn_type": attn_type, "norm_num_groups": norm_num_groups}
 
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
 
         curr_res = resolution
         in_ch_mult = (1, *ch_mult)
         self.down = nn.ModuleList()
-        block_in = ch
         for i_level in range(self.num_resolutions):
-            block = nn.ModuleList()
-            attn = nn.ModuleList()
-            block_in = ch * in_ch_mult[i_level]
             block_out = ch * ch_mult[i_level]
-            for _ in range(num_res_blocks):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout,
-                                         norm_num_groups=norm_num_groups))
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type, norm_num_groups))
-            down = nn.Module()
-            down.block = block
-            down.attn = attn
+            down = Level(in_channels=ch * in_ch_mult[i_level], out_channels=block_out, num_blocks=num_res_blocks,
+                         attention=curr_res in attn_resolutions, **block_args)
             if i_level != self.num_resolutions - 1:
-                down.downsample = Downsample(block_in, resamp_with_conv)
+                down.downsample = Downsample(block_out, resamp_with_conv)
                 curr_res = curr_res // 2
             self.down.append(down)
+        block_in = ch * ch_mult[-1]
 
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout,
-                                       norm_num_groups=norm_num_groups)
-        self.mid.attn_1 = make_attn(block_in, attn_type, norm_num_groups)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout,
-                                       norm_num_groups=norm_num_groups)
+        self.mid = MidBlock(block_in, **block_args)
 
         self.norm_out = Normalize(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(
@@ -324,17 +363,10 @@ class Encoder(nn.Module):
             raise ValueError(f"Encoder input must be [B, C, H, W] with H and W divisible by {f}, got {tuple(x.shape)}")
         h = self.conv_in(x)
         for i_level, down in enumerate(self.down):
-            for i_block in range(self.num_res_blocks):
-                h = down.block[i_block](h)
-                if len(down.attn) > 0:
-                    h = down.attn[i_block](h)
+            h = down(h)
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
-
-        h = self.mid.block_1(h)
-        h = self.mid.attn_1(h)
-        h = self.mid.block_2(h)
-
+        h = self.mid(h)
         h = _swish(self.norm_out(h))
         return self.conv_out(h)
 
@@ -369,7 +401,7 @@ class Decoder(nn.Module):
         norm_num_groups: int = 32,
     ) -> None:
         super().__init__()
-        _check_common(ch, ch_mult, num_res_blocks, attn_type, norm_num_groups)
+        check_architecture(ch, ch_mult, num_res_blocks, attn_type, norm_num_groups)
         self.ch = ch
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
@@ -380,36 +412,23 @@ class Decoder(nn.Module):
         self.give_pre_end = give_pre_end
         self.tanh_out = tanh_out
         attn_resolutions = tuple(attn_resolutions)
+        block_args = {"dropout": dropout, "attn_type": attn_type, "norm_num_groups": norm_num_groups}
 
-        block_in = ch * ch_mult[self.num_resolutions - 1]
+        block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
-        self.z_shape = (1, z_channels, curr_res, curr_res)
 
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
 
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout,
-                                       norm_num_groups=norm_num_groups)
-        self.mid.attn_1 = make_attn(block_in, attn_type, norm_num_groups)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout,
-                                       norm_num_groups=norm_num_groups)
+        self.mid = MidBlock(block_in, **block_args)
 
         # Built from the lowest resolution up, but stored so that up[i] is level i (as the encoder's
         # down[i]): this is the original's (and every checkpoint's) indexing.
         ups: list[nn.Module] = []
         for i_level in reversed(range(self.num_resolutions)):
-            block = nn.ModuleList()
-            attn = nn.ModuleList()
             block_out = ch * ch_mult[i_level]
-            for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout,
-                                         norm_num_groups=norm_num_groups))
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type, norm_num_groups))
-            up = nn.Module()
-            up.block = block
-            up.attn = attn
+            up = Level(in_channels=block_in, out_channels=block_out, num_blocks=num_res_blocks + 1,
+                       attention=curr_res in attn_resolutions, **block_args)
+            block_in = block_out
             if i_level != 0:
                 up.upsample = Upsample(block_in, resamp_with_conv)
                 curr_res = curr_res * 2
@@ -427,21 +446,12 @@ class Decoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         if z.ndim != 4 or z.shape[1] != self.z_channels:
             raise ValueError(f"Decoder input must be [B, {self.z_channels}, h, w], got {tuple(z.shape)}")
-        h = self.conv_in(z)
-
-        h = self.mid.block_1(h)
-        h = self.mid.attn_1(h)
-        h = self.mid.block_2(h)
-
+        h = self.mid(self.conv_in(z))
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
-            for i_block in range(self.num_res_blocks + 1):
-                h = up.block[i_block](h)
-                if len(up.attn) > 0:
-                    h = up.attn[i_block](h)
+            h = up(h)
             if i_level != 0:
                 h = up.upsample(h)
-
         if self.give_pre_end:
             return h
         h = _swish(self.norm_out(h))

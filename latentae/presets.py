@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import AutoencoderConfig, ConfigError
+from .config import AutoencoderConfig, AutoencoderConfigError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -57,11 +57,11 @@ def list_presets() -> list[str]:
 
 
 def get_preset(name: str) -> AutoencoderConfig:
-    """A fresh copy of the named preset's config; unknown names raise ConfigError listing the known ones."""
+    """A fresh copy of the named preset's config; unknown names raise AutoencoderConfigError listing the known ones."""
     try:
         cfg = _PRESETS[name]
     except KeyError:
-        raise ConfigError(f"unknown autoencoder preset {name!r}; known presets: {list_presets()}") from None
+        raise AutoencoderConfigError(f"unknown autoencoder preset {name!r}; known presets: {list_presets()}") from None
     return AutoencoderConfig.from_dict(cfg.to_dict())
 
 

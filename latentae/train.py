@@ -7,16 +7,13 @@ The shipped ``latentae/weights/tiny.safetensors`` + ``tiny.json`` come from::
 (defaults below; about 40 minutes on 2 CPU cores). The loss is reconstruction (L1 + MSE, with each
 image's mean colour weighted extra) plus a small KL term, optimised with AdamW on random crops, flips
 and tints of the training photos. A few photos are held out and never seen in training; their PSNR at
-128x128 is reported during training and pinned by the tests.
-
-This module is also the single source of truth for the sample photo set and its train/held-out split:
-``pipeline.make_shards --sample`` builds the demo shards from the same list.
+128x128 is reported during training and pinned by the tests. The photos and their train/held-out split
+are `latentae.sample_photos`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import math
@@ -29,93 +26,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import save_file
 
 from .autoencoder import AutoencoderKL
 from .checkpoint import CONFIG_METADATA_KEY
 from .presets import get_preset
+from .sample_photos import HELDOUT_PHOTOS, SampleDataMissing, load_rgb, sample_photos
 
 log = logging.getLogger("latentae.train")
 
-# Natural photos among scikit-image's bundled data files (file stem -> caption). Synthetic images
-# (colour wheel, phantom, logo, silhouettes, chessboards) are left out: the demo is about photos.
-SAMPLE_PHOTOS: dict[str, str] = {
-    "astronaut": "a portrait of an astronaut in a spacesuit in front of a flag",
-    "brick": "a black and white photo of a brick wall",
-    "camera": "a black and white photo of a man with a camera on a tripod",
-    "cell": "a microscope image of a cell",
-    "chelsea": "a photo of a tabby cat",
-    "clock_motion": "a motion-blurred photo of a wall clock",
-    "coffee": "a photo of a cup of coffee on a saucer",
-    "coins": "a black and white photo of old coins",
-    "grass": "a black and white photo of grass",
-    "gravel": "a black and white photo of gravel",
-    "hubble_deep_field": "a telescope image of distant galaxies",
-    "ihc": "a microscope image of stained tissue",
-    "moon": "a black and white photo of the moon's surface",
-    "motorcycle_left": "a photo of a motorcycle in a workshop",
-    "motorcycle_right": "a photo of a motorcycle in a workshop, seen from the right",
-    "page": "a scan of a printed book page",
-    "retina": "a fundus photo of a human retina",
-    "rocket": "a photo of a rocket on its launch pad",
-    "text": "a photo of handwritten text on a board",
-}
-
-# Held out from training; colour photos of subjects that no training photo shows.
-HELDOUT_PHOTOS: tuple[str, ...] = ("chelsea", "coffee", "rocket")
+# Image files taken from --images: the formats of `pipeline.config.IMAGE_EXTS`, written out here because
+# latentae does not depend on pipeline.
+_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 
 # Zoom levels of the held-out evaluation crops: the crop side is short_side / k (never below the output
 # size), so the set covers whole-photo downscales (dense detail) and near-native crops (smooth detail).
 _EVAL_ZOOMS: tuple[int, ...] = (1, 2, 3)
-
-
-class SampleDataMissing(RuntimeError):
-    """The bundled sample photos (scikit-image's ``skimage/data``) are not available."""
-
-
-def sample_photo_dir() -> Path:
-    """Folder holding scikit-image's bundled photos, found without importing scikit-image."""
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or spec.origin is None:
-        raise SampleDataMissing(
-            "scikit-image is not installed, and the sample photos ship inside it: "
-            "run `pip install scikit-image` (or `pip install -e '.[dev]'`)"
-        )
-    folder = Path(spec.origin).parent / "data"
-    if not folder.is_dir():
-        raise SampleDataMissing(f"scikit-image has no bundled data folder at {folder}")
-    return folder
-
-
-def sample_photo_path(name: str) -> Path:
-    """Path of the bundled photo `name` (a key of SAMPLE_PHOTOS)."""
-    if name not in SAMPLE_PHOTOS:
-        raise KeyError(f"unknown sample photo {name!r}; known: {', '.join(sorted(SAMPLE_PHOTOS))}")
-    folder = sample_photo_dir()
-    for ext in (".png", ".jpg"):
-        path = folder / f"{name}{ext}"
-        if path.is_file():
-            return path
-    raise SampleDataMissing(f"sample photo {name!r} is missing from {folder}")
-
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 [H, W, 3]."""
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def sample_photos(split: str = "all") -> list[tuple[str, np.ndarray]]:
-    """The bundled photos of `split` ("all", "train" or "heldout") as (name, RGB uint8 array), sorted by name."""
-    if split not in ("all", "train", "heldout"):
-        raise ValueError(f"split must be 'all', 'train' or 'heldout', not {split!r}")
-    names = sorted(SAMPLE_PHOTOS)
-    if split == "train":
-        names = [n for n in names if n not in HELDOUT_PHOTOS]
-    elif split == "heldout":
-        names = [n for n in names if n in HELDOUT_PHOTOS]
-    return [(name, load_rgb(sample_photo_path(name))) for name in names]
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -266,8 +192,7 @@ def _chroma_weight_at(cfg: TrainConfig, step: int) -> float:
 def _training_photos(cfg: TrainConfig) -> list[np.ndarray]:
     if cfg.images is None:
         return [img for name, img in sample_photos("all") if name not in cfg.holdout]
-    exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-    paths = sorted(p for p in Path(cfg.images).rglob("*") if p.suffix.lower() in exts)
+    paths = sorted(p for p in Path(cfg.images).rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
     if not paths:
         raise FileNotFoundError(f"no images found under --images {cfg.images}")
     return [load_rgb(p) for p in paths]

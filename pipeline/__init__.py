@@ -23,6 +23,8 @@ __all__ = [
     "read_manifest",
     "committed_names",
     "is_committed",
+    "ShardIndex",
+    "load_index",
 ]
 
 _EXPORTS = {
@@ -35,17 +37,21 @@ _EXPORTS = {
     "ChannelStats": "commit",
     "committed_names": "commit",
     "is_committed": "commit",
+    "ShardIndex": "index",
+    "load_index": "index",
     "ShardWriter": "writer",
-    "LatentRow": "writer",
-    "ErrorRow": "writer",
-    "QARow": "writer",
+    "LatentRow": "rows",
+    "ErrorRow": "rows",
+    "QARow": "rows",
 }
 
 if TYPE_CHECKING:
     from .commit import ChannelStats, CommitRecord, committed_names, is_committed
     from .dataset import LatentDataset, bucket_batches
+    from .index import ShardIndex, load_index
     from .manifest import Manifest, ManifestMismatch, read_manifest
-    from .writer import ErrorRow, LatentRow, QARow, ShardWriter
+    from .rows import ErrorRow, LatentRow, QARow
+    from .writer import ShardWriter
 
 
 def __getattr__(name: str) -> Any:

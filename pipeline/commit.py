@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
 from . import storage
+from .jsonutil import parse_object, utc_now
 from .layout import COMMITS_DIR, commit_url
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "committed_names",
     "committed_records",
     "is_committed",
+    "pooled_stats",
     "scan_output",
 ]
 
@@ -102,6 +103,13 @@ class ChannelStats:
         var = float(self.sumsq.sum() / n - mean * mean)
         return mean, max(var, 0.0) ** 0.5
 
+    def recommended_factors(self) -> tuple[float | None, float]:
+        """(scaling_factor, shift_factor) that give these latents mean 0 and std 1 under
+        ``(z - shift) * scale``, pooled over all channels as the published SD/SDXL/SD3/FLUX factors
+        are; the scaling factor is None when the std is 0."""
+        mean, std = self.overall()
+        return (1.0 / std if std > 0 else None), mean
+
     def to_dict(self) -> dict[str, list]:
         def floats(a: np.ndarray) -> list:
             # JSON has no infinity: channels without finite values report null.
@@ -131,10 +139,6 @@ class ChannelStats:
         return s
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-
-
 @dataclass
 class CommitRecord:
     """Contents of OUTPUT/_commits/NAME.json.
@@ -157,7 +161,7 @@ class CommitRecord:
     row_groups: list[int] = field(default_factory=list)
     qa_rows: int = 0
     source: str | None = None
-    created: str = field(default_factory=_now)
+    created: str = field(default_factory=utc_now)
     format_version: int = 1
 
     @property
@@ -187,13 +191,21 @@ class CommitRecord:
 
     @classmethod
     def from_json(cls, text: str | bytes, name: str = "?") -> CommitRecord:
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise CommitError(f"commit record of shard {name!r} is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise CommitError(f"commit record of shard {name!r} is not a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(parse_object(text, f"commit record of shard {name!r}", CommitError))
+
+
+def pooled_stats(records: Iterable[CommitRecord]) -> tuple[ChannelStats | None, int]:
+    """The latent statistics of `records` merged in their order, and how many records hold any
+    (None and 0 when none does)."""
+    total: ChannelStats | None = None
+    shards = 0
+    for record in records:
+        stats = record.channel_stats()
+        if stats is None:
+            continue
+        shards += 1
+        total = stats if total is None else total.merge(stats)
+    return total, shards
 
 
 def write_commit(root: str, record: CommitRecord, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -252,27 +264,36 @@ class ShardScan:
     uncommitted: list[str]  # shard files with no commit record (an interrupted attempt)
 
 
-def scan_output(root: str, storage_options: Mapping[str, Any] | None = None) -> ShardScan:
-    """Read all commit records at once and check them against one listing per folder.
+def scan_output(
+    root: str,
+    storage_options: Mapping[str, Any] | None = None,
+    records: Mapping[str, CommitRecord] | None = None,
+    unreadable: Mapping[str, str] | None = None,
+) -> ShardScan:
+    """Check every commit record against one listing per folder: which shards hold, which not.
 
-    Costs a few LIST requests plus one (concurrent) GET per commit, instead of a HEAD per file.
+    Without `records` it reads all commit records at once: a few LIST requests plus one
+    (concurrent) GET per commit. With `records` (and `unreadable`: commits that do not parse, by
+    name), as the consolidated index gives them, it only lists the folders (`inspect`).
     """
-    commits_dir = storage.join(root, COMMITS_DIR)
-    names = sorted(n[: -len(".json")] for n in storage.list_files(commits_dir, storage_options) if n.endswith(".json"))
-    urls = [commit_url(root, n) for n in names]
-    blobs = storage.read_many(urls, storage_options)
+    broken: dict[str, str] = dict(unreadable or {})
+    if records is None:
+        records = {}
+        commits_dir = storage.join(root, COMMITS_DIR)
+        names = sorted(n[: -len(".json")] for n in storage.list_files(commits_dir, storage_options) if n.endswith(".json"))
+        urls = [commit_url(root, n) for n in names]
+        blobs = storage.read_many(urls, storage_options)
+        for name, url in zip(names, urls):
+            blob = blobs.get(url)
+            if blob is None:
+                continue  # removed between listing and reading
+            try:
+                records[name] = CommitRecord.from_json(blob, name)
+            except CommitError as e:
+                broken[name] = str(e)
     listings: dict[str, dict[str, int]] = {}
     committed: dict[str, CommitRecord] = {}
-    broken: dict[str, str] = {}
-    for name, url in zip(names, urls):
-        blob = blobs.get(url)
-        if blob is None:
-            continue  # removed between listing and reading
-        try:
-            record = CommitRecord.from_json(blob, name)
-        except CommitError as e:
-            broken[name] = str(e)
-            continue
+    for name, record in records.items():
         problems = _file_problems(root, record, storage_options, listings)
         if problems:
             broken[name] = "; ".join(problems)

@@ -1,10 +1,12 @@
 """The job configuration: one YAML file, typed and validated before any work starts.
 
-A config has six sections (`input`, `output`, `model`, `preprocess`, `ray`, `qa`); each is a
+A config has six sections (`input`, `output`, `model`, `preprocess`, `ray`, `qa`), an optional
+`text` list of caption encoders and an optional `outputs` list (several OUTPUTs from one read, see
+`OUTPUT_ENTRY_SECTIONS`); each section is a
 dataclass below, and every field's type annotation is the validation rule. `load_config` reads
 the YAML, applies `key.sub=value` overrides from the command line, expands `${ENV_VAR}`
 references in strings and checks every key and value. Anything wrong raises `ConfigError`
-naming the key, e.g. ``output.dtype: expected one of fp32|fp16|bf16, got 'fp64'``.
+naming the key, e.g. ``output.dtype: expected one of fp32|fp16|bf16|fp8_e4m3, got 'fp64'``.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import yaml
 
 __all__ = [
     "ConfigError",
+    "IMAGE_EXTS",
     "InputConfig",
     "OutputConfig",
     "ModelConfig",
     "PreprocessConfig",
     "RayConfig",
     "QAConfig",
+    "TextEncoderConfig",
+    "TEXT_OUTPUTS",
     "JobConfig",
     "load_config",
     "config_from_dict",
@@ -37,6 +42,12 @@ __all__ = [
 ]
 
 DType = Literal["fp32", "fp16", "bf16"]
+#: Stored latent dtypes: the compute dtypes, and one byte per value with a per-channel scale.
+StorageDType = Literal["fp32", "fp16", "bf16", "fp8_e4m3"]
+
+#: Extensions of the image formats the job decodes by default: the default `input.image_exts`
+#: (tar member extensions, in order of preference) and the image files `make-shards` takes.
+IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 
 
 class ConfigError(ValueError):
@@ -56,7 +67,7 @@ class InputConfig:
     #: fsspec options for the input filesystem (endpoint_url, anon, client_kwargs, ...).
     storage_options: dict[str, Any] = field(default_factory=dict)
     #: Member extensions that hold the image, in order of preference.
-    image_exts: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"])
+    image_exts: list[str] = field(default_factory=lambda: list(IMAGE_EXTS))
     #: Caption source: a member extension (``txt``) or ``json:FIELD`` for a field of the sample's JSON.
     caption_key: str = "txt"
 
@@ -68,8 +79,9 @@ class OutputConfig:
     #: Any fsspec URL (local path, s3://bucket/prefix, ...).
     path: str
     format: Literal["parquet", "wds"] = "parquet"
-    #: Storage dtype of latents (the encoder always computes an fp32 posterior).
-    dtype: DType = "fp16"
+    #: Storage dtype of latents (the encoder always computes an fp32 posterior); fp8_e4m3 stores
+    #: one byte per value with a per-sample, per-channel scale (see `pipeline.schema`).
+    dtype: StorageDType = "fp16"
     #: What to store: the posterior mean, mean plus log-variance, or one seeded sample.
     store: Literal["mean", "mean+logvar", "sample"] = "mean"
     #: Also store the latent of the horizontally flipped image.
@@ -122,6 +134,9 @@ class PreprocessConfig:
     background: list[int] = field(default_factory=lambda: [255, 255, 255])
     #: Decompression-bomb limit: images with more pixels are skipped (ledger: too_large).
     max_pixels: int = 89_478_485
+    #: Largest factor an image may be enlarged by to cover its target; smaller images are skipped
+    #: (ledger: preprocess/too_small). null: no limit.
+    max_upscale: float | None = 4.0
 
     def target_sizes(self) -> list[tuple[int, int]]:
         """All output (height, width) sizes: the buckets, or the one resolution."""
@@ -149,7 +164,7 @@ class RayConfig:
     #: CPUs reserved per actor; they run the decode threads (and the encoder on CPU).
     num_cpus_per_worker: float = 1.0
     #: Images per encoder call (per bucket shape); "auto": about 4 megapixels on a GPU (64 images
-    #: at 256 px, at most 128), about 1 on a CPU (16 at 256 px, at most 16); see batching.py.
+    #: at 256 px, at most 128), about 1 on a CPU (16 at 256 px, at most 16); see batch_size.py.
     batch_size: int | Literal["auto"] = "auto"
     #: Attempts per shard before it is recorded as failed.
     max_attempts: int = 3
@@ -191,6 +206,47 @@ class QAConfig:
     workers: int = 1
 
 
+#: What a text encoder can store per caption: the last hidden state, the hidden state of the
+#: layer before it (what SDXL conditions on), the pooled output, the projected pooled output.
+TEXT_OUTPUTS = ("last", "penultimate", "pooled", "projected")
+
+
+@dataclass
+class TextEncoderConfig:
+    """One caption encoder of the `text` section: a transformers model and its tokenizer.
+
+    Its outputs are stored beside the latents as columns `<name>_<output>`, plus `<name>_length`
+    (the caption's tokens, special tokens included; see `pipeline.text`).
+    """
+
+    #: Column prefix: lowercase letters, digits and underscores, starting with a letter.
+    name: str
+    #: clip (CLIPTextModel, or CLIPTextModelWithProjection when `projected` is stored), t5
+    #: (T5EncoderModel), or the name of another transformers model class (UMT5EncoderModel, ...).
+    kind: str
+    #: A transformers model folder (config.json + weights), or a diffusers-style folder holding
+    #: text_encoder/ and tokenizer/; local or any fsspec URL (copied once per machine).
+    path: str
+    #: Tokens per caption; longer captions are truncated as the tokenizer truncates them.
+    max_length: int
+    #: Which outputs to store, of TEXT_OUTPUTS.
+    outputs: list[Literal["last", "penultimate", "pooled", "projected"]]
+    #: Tokenizer folder; unset: `path` itself when it holds tokenizer files, else the diffusers
+    #: sibling of the model folder (text_encoder_2/ -> tokenizer_2/).
+    tokenizer: str | None = None
+    #: max_length: the model sees the caption padded to max_length without an attention mask, as
+    #: the SD/SDXL/FLUX pipelines feed CLIP, and every position is stored. none: the model sees the
+    #: real tokens only (attention mask) and only those are stored, with their count. auto: max_length
+    #: for clip, none for every other kind.
+    padding: Literal["auto", "max_length", "none"] = "auto"
+    #: Compute dtype of the model on the device.
+    dtype: DType = "fp32"
+    #: Storage dtype of the stored outputs.
+    storage_dtype: DType = "fp16"
+    #: fsspec options for a remote `path` or `tokenizer`.
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class JobConfig:
     """A whole validated job configuration."""
@@ -201,16 +257,27 @@ class JobConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     qa: QAConfig = field(default_factory=QAConfig)
+    #: Caption encoders whose outputs are stored beside the latents; empty: images only.
+    text: list[TextEncoderConfig] = field(default_factory=list)
+    #: With an `outputs:` list, each entry's whole config (the top-level sections with the entry's
+    #: overrides merged in, key by key); the top-level `output.path` is then empty. Empty: the job
+    #: writes `output` alone.
+    outputs: list[JobConfig] = field(default_factory=list)
     #: The YAML file this came from (not a config key).
     source: str | None = field(default=None, metadata={"internal": True})
+
+    def output_jobs(self) -> list[JobConfig]:
+        """One config per OUTPUT the job writes: the `outputs` entries, or this config alone."""
+        return list(self.outputs) or [self]
 
     def to_dict(self, redact: bool = True) -> dict[str, Any]:
         """Plain-dict form; with `redact`, secret storage options and URL credentials are masked."""
         out = {}
         for f in dataclasses.fields(self):
-            if f.metadata.get("internal"):
+            if f.metadata.get("internal") or f.name == "outputs":
                 continue
-            out[f.name] = dataclasses.asdict(getattr(self, f.name))
+            value = getattr(self, f.name)
+            out[f.name] = [dataclasses.asdict(v) for v in value] if isinstance(value, list) else dataclasses.asdict(value)
         if redact:
             from .storage import redact as redact_url
             from .storage import redact_options
@@ -222,6 +289,13 @@ class JobConfig:
             out["output"]["path"] = redact_url(out["output"]["path"])
             if out["model"]["weights"]:
                 out["model"]["weights"] = redact_url(out["model"]["weights"])
+            for encoder in out["text"]:
+                encoder["storage_options"] = redact_options(encoder["storage_options"])
+                encoder["path"] = redact_url(encoder["path"])
+                if encoder["tokenizer"]:
+                    encoder["tokenizer"] = redact_url(encoder["tokenizer"])
+        if self.outputs:
+            out["outputs"] = [job.to_dict(redact) for job in self.outputs]
         return out
 
 
@@ -233,6 +307,8 @@ SECTIONS: dict[str, type] = {
     "ray": RayConfig,
     "qa": QAConfig,
 }
+#: The sections an `outputs:` entry may override; the others are shared by every output.
+OUTPUT_ENTRY_SECTIONS = ("output", "model", "preprocess")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,16 +353,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(key, f"cannot parse override value {text!r}: {e}") from None
-        node = out
+        node: Any = out
         for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
+            where = ".".join(parts[: i + 1])
+            # A list (`outputs`, `text`) is addressed by entry number: outputs.1.preprocess.resolution=512.
+            nxt = _list_entry(node, part, where) if isinstance(node, list) else node.get(part)
             if nxt is None:
                 nxt = node[part] = {}
-            elif not isinstance(nxt, dict):
-                raise ConfigError(".".join(parts[: i + 1]), "is not a section; cannot set a sub-key")
+            elif not isinstance(nxt, (dict, list)):
+                raise ConfigError(where, "is not a section; cannot set a sub-key")
             node = nxt
+        if isinstance(node, list):
+            raise ConfigError(key, "names a list entry, not a key: set the entry's keys, e.g. outputs.0.output.dtype=bf16")
         node[parts[-1]] = value
     return out
+
+
+def _list_entry(items: list[Any], part: str, where: str) -> Any:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(where, f"no such entry: the list has {len(items)} (numbered from 0)")
+    return items[int(part)]
 
 
 def _deepcopy(value: Any) -> Any:
@@ -301,7 +387,9 @@ def config_from_dict(raw: Mapping[str, Any]) -> JobConfig:
     """Validate a plain mapping (parsed YAML) into a `JobConfig`."""
     if not isinstance(raw, Mapping):
         raise ConfigError("", f"expected a mapping of sections, got {type(raw).__name__}")
-    _check_unknown("", raw, list(SECTIONS))
+    _check_unknown("", raw, [*SECTIONS, "text", "outputs"])
+    if raw.get("outputs") is not None:
+        return _config_with_outputs(raw, raw["outputs"])
     for name in ("input", "output"):
         if name not in raw or raw[name] is None:
             raise ConfigError(name, "required section is missing")
@@ -313,9 +401,68 @@ def config_from_dict(raw: Mapping[str, Any]) -> JobConfig:
         if not isinstance(value, Mapping):
             raise ConfigError(name, f"expected a mapping, got {_show(value)}")
         sections[name] = _build(cls, value, name)
-    config = JobConfig(**sections)
+    config = JobConfig(**sections, text=_build_text(raw.get("text")))
     _check_semantics(config)
     return config
+
+
+def _config_with_outputs(raw: Mapping[str, Any], entries: Any) -> JobConfig:
+    """A config with an `outputs:` list: each entry's sections are the top-level ones with the
+    entry's keys merged in (one level deep: `output: {dtype: bf16}` changes only the dtype), and
+    each entry sets its own `output.path`. Errors in an entry are named `outputs.N.section.key`,
+    as overrides address it."""
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("outputs", f"expected a non-empty list of output entries, got {_show(entries)}")
+    if (raw.get("output") or {}).get("path") is not None:
+        raise ConfigError("output.path", "with outputs: set each entry's own output.path instead")
+    shared = {k: v for k, v in raw.items() if k != "outputs"}
+    # The top-level sections must hold on their own (with a stand-in path), so their errors name
+    # the top-level key; the entries only override them.
+    first = entries[0].get("output") if isinstance(entries[0], Mapping) else None
+    stand_in = first.get("path") if isinstance(first, Mapping) and isinstance(first.get("path"), str) else "-"
+    top = config_from_dict({**shared, "output": {**(shared.get("output") or {}), "path": stand_in}})
+    jobs: list[JobConfig] = []
+    paths: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        where = f"outputs.{i}"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(where, f"expected a mapping of {', '.join(OUTPUT_ENTRY_SECTIONS)}, got {_show(entry)}")
+        _check_unknown(where, entry, list(OUTPUT_ENTRY_SECTIONS))
+        merged = dict(shared)
+        for name in OUTPUT_ENTRY_SECTIONS:
+            section, override = shared.get(name) or {}, entry.get(name) or {}
+            for key, value in ((name, section), (f"{where}.{name}", override)):
+                if not isinstance(value, Mapping):
+                    raise ConfigError(key, f"expected a mapping, got {_show(value)}")
+            merged[name] = {**section, **override}
+        if "path" not in (entry.get("output") or {}):
+            raise ConfigError(f"{where}.output.path", "required key is missing: each output has its own path")
+        try:
+            job = config_from_dict(merged)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.{e.key}", str(e)[len(e.key) + 2 :] if e.key else str(e)) from None
+        path = job.output.path.rstrip("/")
+        if path in paths:
+            raise ConfigError(f"{where}.output.path", f"is also the path of outputs.{paths[path]}")
+        paths[path] = i
+        jobs.append(job)
+    top.output.path = ""
+    top.outputs = jobs
+    return top
+
+
+def _build_text(raw: Any) -> list[TextEncoderConfig]:
+    """The `text` section: a list of encoder mappings (null or absent: no text encoders)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ConfigError("text", f"expected a list of text encoders, got {_show(raw)}")
+    encoders = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"text[{i}]", f"expected a mapping, got {_show(item)}")
+        encoders.append(_build(TextEncoderConfig, item, f"text[{i}]"))
+    return encoders
 
 
 def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
@@ -488,16 +635,17 @@ def _check_semantics(c: JobConfig) -> None:
         raise ConfigError("preprocess.min_size", f"must be >= 0, got {p.min_size}")
     if p.max_pixels <= 0:
         raise ConfigError("preprocess.max_pixels", f"must be > 0, got {p.max_pixels}")
+    if p.max_upscale is not None and p.max_upscale < 1:
+        raise ConfigError("preprocess.max_upscale", f"must be >= 1 (1: never enlarge) or null (no limit), got {p.max_upscale}")
 
     m = c.model
     if not m.preset and not m.weights:
         raise ConfigError("model.preset", "set a preset, a weights path, or both")
     if m.preset:
-        try:
-            from latentae import list_presets
-        except ImportError:  # the model package is checked again when the worker loads it
-            list_presets = None
-        if list_presets is not None and m.preset not in list_presets():
+        # Imported here: `latentae` brings torch, which the rest of config loading does not need.
+        from latentae import list_presets
+
+        if m.preset not in list_presets():
             raise ConfigError("model.preset", f"expected one of {'|'.join(list_presets())}, got {m.preset!r}")
 
     r = c.ray
@@ -527,6 +675,38 @@ def _check_semantics(c: JobConfig) -> None:
         raise ConfigError("qa.stats_tolerance", f"must be >= 0, got {q.stats_tolerance}")
     _positive(q.batch_size, "qa.batch_size")
     _positive(q.workers, "qa.workers")
+    _check_text(c.text)
+
+
+_TEXT_NAME = re.compile(r"[a-z][a-z0-9_]*")
+# "clip", "t5", or a transformers class name such as UMT5EncoderModel.
+_TEXT_CLASS = re.compile(r"[A-Z][A-Za-z0-9]*")
+
+
+def _check_text(encoders: list[TextEncoderConfig]) -> None:
+    """Names, kinds and outputs of the text encoders; resolves `padding: auto`."""
+    seen: set[str] = set()
+    for i, t in enumerate(encoders):
+        key = f"text[{i}]"
+        if not _TEXT_NAME.fullmatch(t.name):
+            raise ConfigError(f"{key}.name", f"expected lowercase letters, digits and underscores starting with a "
+                                             f"letter (it prefixes column names), got {t.name!r}")
+        if t.name in seen:
+            raise ConfigError(f"{key}.name", f"{t.name!r} is used by another text encoder")
+        seen.add(t.name)
+        if t.kind not in ("clip", "t5") and not _TEXT_CLASS.fullmatch(t.kind):
+            raise ConfigError(f"{key}.kind", f"expected clip, t5 or a transformers model class name, got {t.kind!r}")
+        if not t.path.strip():
+            raise ConfigError(f"{key}.path", "must not be empty")
+        _positive(t.max_length, f"{key}.max_length")
+        if not t.outputs:
+            raise ConfigError(f"{key}.outputs", f"list at least one of {'|'.join(TEXT_OUTPUTS)}")
+        if len(set(t.outputs)) != len(t.outputs):
+            raise ConfigError(f"{key}.outputs", f"has duplicate entries: {t.outputs}")
+        if t.kind == "t5" and {"pooled", "projected"} & set(t.outputs):
+            raise ConfigError(f"{key}.outputs", "a T5 encoder has no pooled or projected output; use last or penultimate")
+        if t.padding == "auto":
+            t.padding = "max_length" if t.kind == "clip" else "none"
 
 
 def _check_size(value: list[int], key: str) -> None:

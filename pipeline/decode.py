@@ -11,7 +11,11 @@
   most 1, else as 0..255; anything with alpha (RGBA, LA, PA, premultiplied, palette or RGB with a
   transparency key) is composited onto `background`.
 * Limits: more than `max_pixels` pixels -> ``too_large`` (decompression bombs are refused from
-  the header, before decoding); shorter side below `min_size` -> ``too_small``.
+  the header, before decoding); shorter side below `min_size` -> ``too_small``. The limit is this
+  call's own: Pillow's process-wide `PIL.Image.MAX_IMAGE_PIXELS` and the warning filters are left
+  as they are, so importing this module changes nothing for the rest of the process (a training
+  job, a notebook). Pillow still refuses images above twice its own limit (179 million pixels by
+  default) before any caller's limit applies; they become ``too_large`` too.
 
 Every failure raises `DecodeError` with a short machine-readable `reason` (corrupt,
 not_an_image, too_large, too_small, unsupported_mode) for the ledger.
@@ -20,6 +24,7 @@ not_an_image, too_large, too_small, unsupported_mode) for the ledger.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,11 +32,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DecodeError", "DecodeOptions", "DecodedImage", "decode_image", "to_rgb"]
+__all__ = ["DecodeError", "DecodeOptions", "DecodedImage", "decode_image", "draft_size", "to_rgb"]
 
-# We enforce our own pixel limit (DecodeOptions.max_pixels) from the header, so Pillow's warning
-# for large-but-allowed images is noise.
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# `warnings.catch_warnings` edits the process's filter list while it is open and restores it on
+# exit; decode threads entering and leaving it interleaved would restore each other's edits and
+# leave a filter behind. Opening (reading the header) is short, so one lock costs little.
+_OPEN_LOCK = threading.Lock()
 
 _ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}
@@ -75,11 +81,8 @@ def decode_image(
     `needed_size` maps the oriented original (height, width) to the smallest (height, width)
     the caller will resize to; JPEGs are then decoded at a reduced scale that still covers it.
     """
-    if Image.MAX_IMAGE_PIXELS and options.max_pixels > Image.MAX_IMAGE_PIXELS * 2:
-        # Pillow refuses images above twice its own limit before we can apply ours.
-        Image.MAX_IMAGE_PIXELS = options.max_pixels
     try:
-        img = Image.open(io.BytesIO(data))
+        img = _open(data)
     except Image.DecompressionBombError as e:
         raise DecodeError("too_large", str(e)) from None
     except UnidentifiedImageError:
@@ -99,13 +102,8 @@ def decode_image(
         if min(original) < options.min_size:
             raise DecodeError("too_small", f"{original[0]}x{original[1]} (HxW) is below min_size {options.min_size}")
 
-        if needed_size is not None and img.format == "JPEG":
-            need_h, need_w = needed_size(original)
-            raw_w, raw_h = (need_h, need_w) if swapped else (need_w, need_h)
-            try:
-                img.draft(img.mode, (max(1, raw_w), max(1, raw_h)))
-            except (OSError, ValueError):
-                pass  # draft is an optimisation only
+        if needed_size is not None:
+            _draft(img, original, swapped, needed_size)
         try:
             img.load()
         except Image.DecompressionBombError as e:
@@ -123,6 +121,47 @@ def decode_image(
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise DecodeError("unsupported_mode", f"unexpected pixel array shape {pixels.shape}")
     return DecodedImage(pixels=np.ascontiguousarray(pixels), original_size=original)
+
+
+def _draft(img: Image.Image, original: tuple[int, int], swapped: bool,
+           needed_size: Callable[[tuple[int, int]], tuple[int, int]]) -> None:
+    """Ask a JPEG's decoder for the largest reduction that still covers `needed_size(original)`."""
+    if img.format != "JPEG":
+        return
+    need_h, need_w = needed_size(original)
+    raw_w, raw_h = (need_h, need_w) if swapped else (need_w, need_h)
+    try:
+        img.draft(img.mode, (max(1, raw_w), max(1, raw_h)))
+    except (OSError, ValueError):
+        pass  # draft is an optimisation only
+
+
+def draft_size(data: bytes, needed_size: Callable[[tuple[int, int]], tuple[int, int]]) -> tuple[int, int] | None:
+    """The (width, height) `decode_image(data, needed_size=needed_size)` decodes a JPEG at (its
+    draft reduction), from the header alone; None for other formats and unreadable headers.
+
+    Two callers whose sizes give the same answer get the same pixels from one decode (several
+    outputs of one read, `pipeline.decodepool.prepare_all`).
+    """
+    try:
+        img = _open(data)
+    except Exception:  # the decode proper reports what is wrong with the image
+        return None
+    with img:
+        width, height = img.size
+        if img.format != "JPEG" or not width or not height:
+            return None
+        swapped = _orientation(img) in _SWAPS_AXES
+        _draft(img, (width, height) if swapped else (height, width), swapped, needed_size)
+        return img.size
+
+
+def _open(data: bytes) -> Image.Image:
+    """`Image.open` (header only) without Pillow's warning for images above its own pixel limit:
+    the caller checks `max_pixels` from the header size right after."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
 
 
 def _orientation(img: Image.Image) -> int:

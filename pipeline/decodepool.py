@@ -15,6 +15,11 @@ buffers of the pickle, so they are not copied into and out of it). Samples go in
 actor: all of Ray).
 
 Both give exactly the same results: the same function runs on the same bytes.
+
+A pool may apply several preparations (decode options and preprocessing) to every image, for a
+job that writes several outputs from one read (`more`): each sample then gives one result per
+preparation, and preparations that ask the JPEG decoder for the same draft reduction share one
+decode (`prepare_all`).
 """
 
 from __future__ import annotations
@@ -31,16 +36,18 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from .decode import DecodeError, DecodeOptions, decode_image
+from .decode import DecodedImage, DecodeError, DecodeOptions, decode_image, draft_size
+from .faults import decode_fault
 from .preprocess import Preprocessed, PreprocessError, Preprocessor
 
-__all__ = ["DecodeFailure", "DecodePool", "prepare", "resolve_mode", "MODES", "FAULT_CRASH_KEY", "FAULT_HANG_KEY"]
+__all__ = ["DecodeFailure", "DecodePool", "Preparation", "prepare", "prepare_all", "resolve_mode", "MODES"]
 
 MODES = ("auto", "threads", "processes")
 
@@ -48,13 +55,6 @@ log = logging.getLogger(__name__)
 
 #: Samples per message to a decode process.
 PROCESS_CHUNK = 8
-
-#: Test-only fault hook: a decode process that meets the sample with this key dies at once
-#: (as if Pillow had crashed on it).
-FAULT_CRASH_KEY = "LATENT_FAULT_CRASH_KEY"
-#: Test-only fault hook: a decode process that meets the sample with this key hangs (as if a
-#: decoder looped forever on it).
-FAULT_HANG_KEY = "LATENT_FAULT_HANG_KEY"
 
 
 @dataclass(frozen=True)
@@ -66,20 +66,66 @@ class DecodeFailure:
     message: str
 
 
+#: One way of making encoder input from image bytes: the decode limits and the preprocessing.
+Preparation = tuple[DecodeOptions, Preprocessor]
+
+
 def prepare(data: bytes, key: str, options: DecodeOptions, preprocessor: Preprocessor) -> Preprocessed | DecodeFailure:
     """Image bytes -> encoder-ready pixels, or the reason they cannot be made. Never raises."""
+    decoded = _decode(data, options, preprocessor)
+    return decoded if isinstance(decoded, DecodeFailure) else _preprocess(decoded, key, preprocessor)
+
+
+def prepare_all(data: bytes, key: str, preparations: Sequence[Preparation]) -> list[Preprocessed | DecodeFailure]:
+    """`prepare` with each of `preparations`, one result each, decoding the image once per distinct
+    (decode options, JPEG draft reduction): the reduction depends on the target size, so
+    preparations whose targets ask the decoder for the same one share its pixels, and each result
+    equals what `prepare` gives with that preparation alone. Never raises."""
+    decoded: dict[tuple[DecodeOptions, tuple[int, int] | None], DecodedImage | DecodeFailure] = {}
+    out: list[Preprocessed | DecodeFailure] = []
+    for options, preprocessor in preparations:
+        group = (options, draft_size(data, preprocessor.resized_size))
+        if group not in decoded:
+            decoded[group] = _decode(data, options, preprocessor)
+        image = decoded[group]
+        out.append(image if isinstance(image, DecodeFailure) else _preprocess(image, key, preprocessor))
+    return out
+
+
+def _decode(data: bytes, options: DecodeOptions, preprocessor: Preprocessor) -> DecodedImage | DecodeFailure:
     try:
-        decoded = decode_image(data, options, needed_size=preprocessor.resized_size)
+        return decode_image(data, options, needed_size=preprocessor.resized_size)
     except DecodeError as e:
         return DecodeFailure("decode", e.reason, str(e))
     except Exception as e:  # a decoder bug on one odd file must not fail the shard
         return DecodeFailure("decode", type(e).__name__, str(e))
+
+
+def _preprocess(image: DecodedImage, key: str, preprocessor: Preprocessor) -> Preprocessed | DecodeFailure:
     try:
-        return preprocessor(decoded, key)
+        return preprocessor(image, key)
     except PreprocessError as e:
         return DecodeFailure("preprocess", e.reason, str(e))
     except Exception as e:
         return DecodeFailure("preprocess", type(e).__name__, str(e))
+
+
+@dataclass(frozen=True)
+class _Task:
+    """What a decoder does to each image: `prepare` with one preparation, or `prepare_all` with
+    several (then a sample's result is a list, one entry per preparation)."""
+
+    preparations: tuple[Preparation, ...]
+
+    def __call__(self, data: bytes, key: str) -> Any:
+        if len(self.preparations) == 1:
+            return prepare(data, key, *self.preparations[0])
+        return prepare_all(data, key, self.preparations)
+
+    def failed(self, reason: str, message: str) -> Any:
+        """A sample's result when no decoder could give one."""
+        failure = DecodeFailure("decode", reason, message)
+        return failure if len(self.preparations) == 1 else [failure] * len(self.preparations)
 
 
 def resolve_mode(mode: str, *, gpu: bool, workers: int) -> str:
@@ -98,8 +144,8 @@ def resolve_mode(mode: str, *, gpu: bool, workers: int) -> str:
 # stdout, which startup code or a library may print to). A message is a pickle and the large
 # buffers it refers to, sent after it rather than copied into it (pickle protocol 5 out-of-band
 # buffers: the JPEG bytes going in, the pixel arrays coming back), behind a 4-byte magic, the
-# pickle's length, the buffer count and each buffer's length. First comes (options, preprocessor,
-# timeout), then one chunk of (key, bytes) after another; for each chunk the process answers with
+# pickle's length, the buffer count and each buffer's length. First comes (task, timeout) (a
+# `_Task`), then one chunk of (key, bytes) after another; for each chunk the process answers with
 # the list of results. It exits at the end of its stdin, which is also what it sees when its
 # worker dies, however it dies.
 
@@ -161,20 +207,17 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
     stuck in C code cannot catch it, so the kernel ends the process and the pool sees why.
     """
     try:
-        options, preprocessor, timeout = _read_message(inp)
+        task, timeout = _read_message(inp)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
         alarm = max(1, math.ceil(timeout)) if timeout else 0  # whole seconds; 0: none
-        crash, hang = os.environ.get(FAULT_CRASH_KEY), os.environ.get(FAULT_HANG_KEY)
+        fault = decode_fault()  # test-only; a no-op unless its variables are set (see faults.py)
         while True:
             items = _read_message(inp)
             results = []
             for key, data in items:
                 signal.alarm(alarm)
-                if crash is not None and key == crash:
-                    os._exit(70)
-                if hang is not None and key == hang:
-                    time.sleep(1e6)
-                results.append(prepare(data, key, options, preprocessor))
+                fault.check(key)
+                results.append(task(data, key))
             signal.alarm(0)
             _write_message(out, results)  # the pixel arrays go out of band
     except (EOFError, BrokenPipeError):
@@ -197,7 +240,7 @@ class _Child:
     """One decode process: a writer thread feeds its stdin, a reader thread resolves the futures
     of its chunks in order."""
 
-    def __init__(self, options: DecodeOptions, preprocessor: Preprocessor, timeout: float, on_exit: Any):
+    def __init__(self, task: _Task, timeout: float, on_exit: Any):
         env = dict(os.environ)
         # The worker's import path (a Ray runtime_env may have extended it), so the child finds
         # this package wherever the worker found it.
@@ -219,7 +262,7 @@ class _Child:
         self._pending: deque[Future] = deque()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.alive = True
-        self._outbox.put((options, preprocessor, timeout))
+        self._outbox.put((task, timeout))
         self._writer = threading.Thread(target=self._write_loop, name="decode-feed", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="decode-results", daemon=True)
         self._writer.start()
@@ -299,16 +342,20 @@ class DecodePool:
     `DecodeFailure` with reason "crashed" and every other sample is prepared as usual. With
     processes, one sample taking more than `timeout` seconds ends its process the same way and
     becomes reason "timeout" (a thread cannot be stopped: threads ignore `timeout`).
+
+    `more` adds preparations applied to every image as well: each sample's result is then a list,
+    one entry per preparation (`options` and `preprocessor` first), see `prepare_all`.
     """
 
     def __init__(self, workers: int, mode: str, options: DecodeOptions, preprocessor: Preprocessor,
-                 timeout: float | None = None):
+                 timeout: float | None = None, *, more: Sequence[Preparation] = ()):
         if mode not in ("threads", "processes"):
             raise ValueError(f"mode must be 'threads' or 'processes', got {mode!r}")
         self.workers = max(1, int(workers))
         self.mode = mode
         self.options = options
         self.preprocessor = preprocessor
+        self._task = _Task(((options, preprocessor), *more))
         self.timeout = timeout
         self._lock = threading.Lock()
         self._closed = False
@@ -330,7 +377,7 @@ class DecodePool:
             return [c.proc.pid for c in self._children]
 
     def _spawn(self) -> _Child:
-        return _Child(self.options, self.preprocessor, self.timeout or 0.0, self._child_exited)
+        return _Child(self._task, self.timeout or 0.0, self._child_exited)
 
     def _child_exited(self, child: _Child) -> None:
         """A decode process ended: replace it (unless the pool is closing)."""
@@ -357,7 +404,8 @@ class DecodePool:
             time.sleep(0.01)
 
     def result(self, future: Future, items: list[tuple[str, bytes]]) -> list[Preprocessed | DecodeFailure]:
-        """The prepared `items` of a `submit` future (waits for it)."""
+        """The prepared `items` of a `submit` future (waits for it): one result per item (a list of
+        them, one per preparation, with `more`)."""
         try:
             return future.result()
         except DecodeProcessDied:
@@ -372,16 +420,16 @@ class DecodePool:
                 except DecodeProcessDied as e:
                     # Alone in its chunk, twice, the process died: this sample did it, not chance.
                     if e.code == -signal.SIGALRM:
-                        out.append(DecodeFailure("decode", "timeout", f"decoding took more than {self.timeout:g} s"))
+                        out.append(self._task.failed("timeout", f"decoding took more than {self.timeout:g} s"))
                     else:
-                        out.append(DecodeFailure("decode", "crashed", "the decode process died while decoding this image"))
+                        out.append(self._task.failed("crashed", "the decode process died while decoding this image"))
         return out
 
     def _alone(self, item: tuple[str, bytes]) -> list[Preprocessed | DecodeFailure]:
         return self.submit([item]).result()
 
     def _run_here(self, items: list[tuple[str, bytes]]) -> list[Preprocessed | DecodeFailure]:
-        return [prepare(data, key, self.options, self.preprocessor) for key, data in items]
+        return [self._task(data, key) for key, data in items]
 
     def warm_up(self) -> None:
         """Wait until every decode process is up (no-op for threads)."""

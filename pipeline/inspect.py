@@ -1,8 +1,12 @@
-"""`python -m pipeline inspect OUTPUT [--verify]`: summarize and validate a latent output.
+"""`python -m pipeline inspect OUTPUT [--verify] [--reindex]`: summarize and validate a latent output.
 
 Prints the manifest, shard counts (committed / uncommitted / broken / missing), rows, errors by
-reason, latent shapes and dtype, and the exact latent statistics pooled from the commit records.
-`--verify` re-reads every committed file and checks its size and sha256.
+reason, latent shapes and dtype, and the exact latent statistics pooled from the commit records;
+for an output with caption embeddings, its text encoders and statistics of their columns over the
+first `--text-rows` rows of the committed shards.
+The records come from the consolidated index (`pipeline.index`; no GET per commit) and are checked
+against one listing per folder. `--verify` re-reads every committed file and checks its size and
+sha256. `--reindex` first rebuilds OUTPUT/index from every commit record (under the lease).
 
 Exit status: 0 when every commit holds; 1 when a commit record does not match its files (or,
 with --verify, a file's sha256 differs); 2 when OUTPUT is not a readable latent output.
@@ -20,66 +24,77 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import storage
-from .commit import ChannelStats, CommitRecord, ShardScan, scan_output
-from .layout import summary_url
+from .commit import CommitRecord, ShardScan, pooled_stats, scan_output
+from .index import load_index, reindex
+from .layout import index_url
+from .lease import LeaseHeld
 from .manifest import Manifest, ManifestError, read_manifest
+from .summary import EncodeSummary, SummaryError, read_summary
+from .text import TextLayout, TextStats, iter_text_rows
 
-__all__ = ["main", "inspect_output", "verify_files"]
+__all__ = ["main", "inspect_output", "scan_through_index", "verify_files"]
 
 
-def _last_run(root: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What OUTPUT/summary.json says about the last encode run (empty when there is none)."""
+def _last_run(root: str, storage_options: Mapping[str, Any] | None) -> EncodeSummary | None:
+    """The last encode run's summary.json; None when there is none or it is not a run summary."""
     try:
-        summary = json.loads(storage.read_bytes(summary_url(root), storage_options))
-    except (FileNotFoundError, ValueError):
-        return {}
-    return summary if isinstance(summary, dict) else {}
+        return read_summary(root, storage_options)
+    except SummaryError:
+        return None
 
 
-def _named_shards(summary: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
-    """Shard names the summary lists, and the error of each failed one."""
-    names: list[str] = []
-    failed: dict[str, str] = {}
-    for field in ("shards", "planned", "failed"):
-        value = summary.get(field)
-        if isinstance(value, dict):
-            names.extend(str(k) for k in value)
-        elif isinstance(value, list):
-            for item in value:
-                if isinstance(item, str):
-                    names.append(item)
-                elif isinstance(item, dict) and isinstance(item.get("name"), str):
-                    names.append(item["name"])
-                    if field == "failed":
-                        failed[item["name"]] = str(item.get("error", ""))
-    return sorted(set(names)), failed
+def scan_through_index(root: str, storage_options: Mapping[str, Any] | None = None) -> ShardScan:
+    """The shards of OUTPUT: records from the consolidated index, checked against folder listings."""
+    index = load_index(root, storage_options)
+    return scan_output(root, storage_options, records=index.records(), unreadable=index.broken)
+
+
+#: Rows whose text columns `inspect` reads for their statistics, by default.
+TEXT_ROWS = 1000
+
+
+def _text_summary(root: str, storage_options: Mapping[str, Any] | None, manifest: Manifest,
+                  records: Mapping[str, CommitRecord], limit: int) -> dict[str, Any]:
+    """Statistics of the text columns over the first `limit` rows of the committed shards (in name
+    order): commit records carry the latents' statistics only, so these are read from the shards."""
+    layout = TextLayout.from_manifest(manifest.text)
+    stats = TextStats(layout)
+    rows = 0
+    for name in sorted(records):
+        if rows >= limit:
+            break
+        record = records[name]
+        for row in iter_text_rows(storage.join(root, record.shard_file), record.format, layout, storage_options):
+            stats.update(row)
+            rows += 1
+            if rows >= limit:
+                break
+    return {"rows_read": rows, **stats.to_dict()}
 
 
 def inspect_output(
-    root: str, storage_options: Mapping[str, Any] | None = None, scan: ShardScan | None = None
+    root: str, storage_options: Mapping[str, Any] | None = None, scan: ShardScan | None = None,
+    text_rows: int = TEXT_ROWS,
 ) -> dict[str, Any]:
-    """Everything `inspect` prints, as a JSON-able dict."""
+    """Everything `inspect` prints, as a JSON-able dict (`text_rows`: see `_text_summary`)."""
     manifest = read_manifest(root, storage_options)
-    scan = scan or scan_output(root, storage_options)
+    scan = scan or scan_through_index(root, storage_options)
     summary = _last_run(root, storage_options)
-    expected, failed = _named_shards(summary)
+    # The summary names only the shards that failed: those without any file are "missing".
+    failed = {f.name: f.error for f in summary.failed} if summary is not None else {}
     seen = set(scan.committed) | set(scan.broken) | set(scan.uncommitted)
-    missing = [n for n in expected if n not in seen]
+    missing = [n for n in sorted(failed) if n not in seen]
     rows = sum(r.rows for r in scan.committed.values())
     errors = sum(r.errors for r in scan.committed.values())
     reasons: Counter[str] = Counter()
     shapes: Counter[str] = Counter()
     dtypes: Counter[str] = Counter()
-    stats: ChannelStats | None = None
     size = 0
     for record in scan.committed.values():
         reasons.update(record.errors_by_reason)
         shapes.update(record.shapes)
         dtypes[record.dtype] += 1
         size += sum(int(f["size"]) for f in record.files.values())
-        s = record.channel_stats()
-        if s is not None:
-            stats = s if stats is None else stats.merge(s)
     out: dict[str, Any] = {
         "output": storage.redact(root),
         "manifest": manifest.to_dict(),
@@ -89,7 +104,7 @@ def inspect_output(
             "broken": scan.broken,
             "missing": missing,
         },
-        "last_run": {"status": summary.get("status"), "failed": failed} if summary else None,
+        "last_run": {"status": summary.status, "failed": failed} if summary is not None else None,
         "rows": rows,
         "errors": errors,
         "errors_by_reason": dict(reasons.most_common()),
@@ -98,8 +113,10 @@ def inspect_output(
         "bytes": size,
         "stats": None,
     }
+    stats, _ = pooled_stats(scan.committed.values())
     if stats is not None:
         mean, std = stats.overall()
+        scale, shift = stats.recommended_factors()
         out["stats"] = {
             "per_channel": {
                 "mean": [float(v) for v in stats.mean],
@@ -109,9 +126,11 @@ def inspect_output(
             "mean": mean,
             "std": std,
             # What a model trained on these latents would use to bring them to unit variance.
-            "suggested_scaling_factor": (1.0 / std) if std > 0 else None,
-            "suggested_shift_factor": mean,
+            "suggested_scaling_factor": scale,
+            "suggested_shift_factor": shift,
         }
+    if manifest.text:
+        out["text"] = _text_summary(root, storage_options, manifest, scan.committed, max(0, text_rows))
     return out
 
 
@@ -208,6 +227,36 @@ def _print_report(info: dict[str, Any], manifest: Manifest) -> None:
         p(f"  all  mean {st['mean']:.4f}  std {st['std']:.4f}")
         if st["suggested_scaling_factor"]:
             p(f"  suggested scaling_factor {st['suggested_scaling_factor']:.5f} (1/std), shift_factor {st['mean']:.5f}")
+    _print_text(info.get("text"), manifest)
+
+
+def _print_text(text: dict[str, Any] | None, manifest: Manifest) -> None:
+    """The text encoders of the manifest and the statistics of their columns."""
+    if not manifest.text:
+        return
+    p = print
+    for name, e in sorted(manifest.text.items()):
+        model = e.get("model", {})
+        shapes = ", ".join(f"{name}_{o} {'x'.join(str(v) for v in e['shapes'][o])}" for o in e["outputs"])
+        p(f"text         {name}: {model.get('class', e['kind'])}, max_length {e['max_length']}, padding "
+          f"{e['padding']}, {e['compute_dtype']} stored as {e['storage_dtype']}, weights sha256 "
+          f"{model.get('weights_sha256')}")
+        p(f"               {shapes}{' (unpadded rows)' if e['padding'] == 'none' else ''}")
+    if text is None:
+        return
+
+    def num(v: float | None) -> str:
+        return f"{v:>10.4f}" if v is not None else f"{'-':>10}"
+
+    p(f"text statistics (stored values, the first {text['rows_read']} rows of the committed shards)")
+    p(f"  {'column':<28} {'values':>10} {'mean':>10} {'std':>10} {'min':>10} {'max':>10} {'nan':>6} {'inf':>6}")
+    for col, c in text["columns"].items():
+        p(f"  {col:<28} {c['count']:>10} {num(c['mean'])} {num(c['std'])} {num(c['min'])} {num(c['max'])} "
+          f"{c['nan']:>6} {c['inf']:>6}")
+    for encoder, t in text["tokens"].items():
+        mean = f"{t['mean']:.1f}" if t["mean"] is not None else "-"
+        p(f"  tokens {encoder:<21} mean {mean}, min {t['min']}, max {t['max']}, "
+          f"{t['at_max_length']} of {t['rows']} at max_length {t['max_length']} (possibly truncated)")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -217,6 +266,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--verify", action="store_true", help="re-read every committed file and check size and sha256")
     p.add_argument("--storage-options", default=None, help="JSON object of fsspec storage options for OUTPUT")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--text-rows", type=int, default=TEXT_ROWS,
+                   help=f"rows read for the statistics of caption embeddings (default {TEXT_ROWS}; 0: none)")
+    p.add_argument("--reindex", action="store_true",
+                   help="rebuild OUTPUT/index from every commit record first (refused while a job holds the lease)")
+    p.add_argument("--force", action="store_true", help="with --reindex: take the lease over from another job")
     return p
 
 
@@ -229,8 +283,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --storage-options is not valid JSON: {e}", file=sys.stderr)
         return 2
     try:
-        scan = scan_output(args.output, so)
-        info = inspect_output(args.output, so, scan)
+        if args.reindex:
+            index = reindex(args.output, so, force=args.force)
+            print(f"reindexed    {len(index)} committed shard(s) into {storage.redact(index_url(args.output))}",
+                  file=sys.stderr)
+        scan = scan_through_index(args.output, so)
+        info = inspect_output(args.output, so, scan, text_rows=args.text_rows)
+    except LeaseHeld as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ManifestError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

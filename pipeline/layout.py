@@ -3,18 +3,20 @@
     ROOT/manifest.json
     ROOT/shards/NAME.parquet      (NAME.tar with format "wds")
     ROOT/_commits/NAME.json       written last: the shard is done iff this exists and matches
-    ROOT/errors/NAME.parquet      bad-sample ledger
+    ROOT/errors/NAME.parquet      bad-sample ledger (only for shards with bad samples)
     ROOT/qa/samples/NAME.parquet  QA side table (preprocessed pixels + unrounded latents)
     ROOT/qa/report.html, ROOT/qa/metrics.json, ROOT/summary.json
+    ROOT/index                    consolidated Parquet list of committed shards (pipeline.index)
+    ROOT/lease                    the running job's lease (pipeline.lease)
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-from functools import lru_cache
 
-from .storage import join, redact
+from .storage import join
 
 __all__ = [
     "FORMATS",
@@ -23,6 +25,8 @@ __all__ = [
     "COMMITS_DIR",
     "ERRORS_DIR",
     "QA_SAMPLES_DIR",
+    "INDEX",
+    "LEASE",
     "shard_ext",
     "manifest_url",
     "shard_url",
@@ -35,8 +39,10 @@ __all__ = [
     "summary_url",
     "qa_report_url",
     "qa_metrics_url",
+    "index_url",
+    "lease_url",
+    "canonical_url",
     "shard_name",
-    "shard_names",
 ]
 
 FORMATS = ("parquet", "wds")
@@ -45,6 +51,8 @@ SHARDS_DIR = "shards"
 COMMITS_DIR = "_commits"
 ERRORS_DIR = "errors"
 QA_SAMPLES_DIR = "qa/samples"
+INDEX = "index"
+LEASE = "lease"
 
 
 def shard_ext(fmt: str) -> str:
@@ -88,6 +96,16 @@ def qa_sample_url(root: str, name: str) -> str:
     return join(root, qa_sample_relpath(name))
 
 
+def index_url(root: str) -> str:
+    """OUTPUT/index: the consolidated Parquet list of committed shards (`pipeline.index`)."""
+    return join(root, INDEX)
+
+
+def lease_url(root: str) -> str:
+    """OUTPUT/lease: the running job's lease (`pipeline.lease`)."""
+    return join(root, LEASE)
+
+
 def summary_url(root: str) -> str:
     return join(root, "summary.json")
 
@@ -101,20 +119,36 @@ def qa_metrics_url(root: str) -> str:
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_USERINFO = re.compile(r"^[^/@]*@")
 _ARCHIVE_EXTS = (".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tgz", ".tar")
+#: Hex digits of the URL hash in a shard NAME: 40 bits, so two inputs with the same file name
+#: collide with odds of about 1 in 10^12 per pair (and a collision is refused, never merged).
+NAME_HASH_DIGITS = 10
 
 
-def _path_parts(url: str) -> list[str]:
-    url = redact(url).split("::")[-1]
-    url = url.split("?", 1)[0].split("#", 1)[0]
-    if "://" in url:
-        url = url.split("://", 1)[1]
-    return [p for p in url.split("/") if p]
+def canonical_url(url: str) -> str:
+    """The form of an input URL that its shard NAME is computed from.
+
+    The last link of an fsspec chain (``simplecache::s3://b/x.tar`` -> ``s3://b/x.tar``); for a
+    URL with a scheme, the lower-case scheme, no credentials (``user:secret@``), no query or
+    fragment (presigned signatures change, the object does not) and no repeated slashes; a
+    ``file://`` URL or a plain path becomes the absolute, normalized local path.
+    """
+    url = url.split("::")[-1]
+    if "://" not in url:
+        return os.path.abspath(url)
+    scheme, rest = url.split("://", 1)
+    scheme = scheme.lower()
+    if scheme == "file":
+        return os.path.abspath(rest)
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    rest = re.sub("/{2,}", "/", _USERINFO.sub("", rest))
+    return f"{scheme}://{rest}"
 
 
 def _base(url: str) -> str:
-    parts = _path_parts(url)
-    base = parts[-1] if parts else "shard"
+    path = canonical_url(url).split("://", 1)[-1]
+    base = path.rstrip("/").rsplit("/", 1)[-1]
     for ext in _ARCHIVE_EXTS:
         if base.lower().endswith(ext) and len(base) > len(ext):
             base = base[: -len(ext)]
@@ -122,68 +156,17 @@ def _base(url: str) -> str:
     else:
         if "." in base.lstrip("."):
             base = base.rsplit(".", 1)[0]
-    return _clean(base)
+    return _UNSAFE.sub("_", base).strip("._") or "shard"
 
 
-def _clean(text: str) -> str:
-    text = _UNSAFE.sub("_", text).strip("._")
-    return text or "shard"
+def shard_name(input_url: str) -> str:
+    """Output shard NAME of the input shard at `input_url`; it depends on that URL alone.
 
-
-@lru_cache(maxsize=8)
-def _names_for(urls: tuple[str, ...]) -> dict[str, str]:
-    bases = {u: _base(u) for u in urls}
-    counts: dict[str, int] = {}
-    for u in dict.fromkeys(urls):
-        counts[bases[u]] = counts.get(bases[u], 0) + 1
-    names: dict[str, str] = {}
-    colliding = [u for u in dict.fromkeys(urls) if counts[bases[u]] > 1]
-    for u in dict.fromkeys(urls):
-        if counts[bases[u]] == 1:
-            names[u] = bases[u]
-    # Colliding base names get their parent folders prefixed (the fewest that make them unique),
-    # so names stay readable; anything still ambiguous gets a hash of the URL.
-    depth = 1
-    pending = colliding
-    while pending and depth <= 8:
-        candidates = {}
-        for u in pending:
-            parts = _path_parts(u)
-            prefix = parts[-1 - depth : -1] if len(parts) > 1 else []
-            candidates[u] = _clean("__".join([*prefix, bases[u]]))
-        seen: dict[str, int] = {}
-        for c in candidates.values():
-            seen[c] = seen.get(c, 0) + 1
-        taken = set(names.values())
-        nxt = []
-        for u, c in candidates.items():
-            if seen[c] == 1 and c not in taken:
-                names[u] = c
-            else:
-                nxt.append(u)
-        pending = nxt
-        depth += 1
-    for u in pending:
-        digest = hashlib.sha1(redact(u).encode()).hexdigest()[:10]
-        names[u] = f"{bases[u]}-{digest}"
-    return names
-
-
-def shard_names(all_urls: list[str]) -> dict[str, str]:
-    """Output shard NAME for every input URL: its file name without extension, made unique."""
-    return dict(_names_for(tuple(all_urls)))
-
-
-def shard_name(input_url: str, all_urls: list[str] | None = None) -> str:
-    """Output shard NAME of `input_url` among `all_urls` (the whole job's inputs).
-
-    NAME is the input file name without its extension (``.../00042.tar`` -> ``00042``); when two
-    inputs share a base name in different folders, the distinguishing parent folders are prefixed
-    (``a/00000.tar`` -> ``a__00000``). The result is a safe file name.
+    NAME is the input file name without its archive extension, made file-name safe, a dash, and
+    the first 10 hex digits of the SHA-256 of `canonical_url(input_url)`:
+    ``s3://b/train/00042.tar`` -> ``00042-<10 hex digits>``. Adding, removing or reordering other
+    inputs never changes it. (Outputs written before this rule keep their names: the plan finds
+    committed shards by their source URL first.)
     """
-    if not all_urls:
-        return _base(input_url)
-    names = _names_for(tuple(all_urls))
-    if input_url not in names:
-        raise KeyError(f"input shard {redact(input_url)} is not among the job's inputs")
-    return names[input_url]
+    digest = hashlib.sha256(canonical_url(input_url).encode("utf-8")).hexdigest()[:NAME_HASH_DIGITS]
+    return f"{_base(input_url)}-{digest}"

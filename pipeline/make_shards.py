@@ -10,7 +10,7 @@ command rewrites byte-identical shards, so a latent job over them can resume.
 
 ``--sample`` draws random crops (several scales and aspect ratios, mirrored at random) from the
 natural photos that ship inside scikit-image, captioned from their file names. The photos held out
-from training the ``tiny`` autoencoder (``latentae.train.HELDOUT_PHOTOS``) are included and marked
+from training the ``tiny`` autoencoder (``latentae.sample_photos.HELDOUT_PHOTOS``) are included and marked
 ``"split": "heldout"`` in the metadata, so the QA report of the demo covers photos the model never saw.
 """
 
@@ -33,12 +33,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import storage
+from .config import IMAGE_EXTS
 
 log = logging.getLogger("pipeline.make_shards")
 
-# Folder images taken as they are: the formats the encode job decodes by default.
-IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp",
-              ".tif": "tiff", ".tiff": "tiff"}
+# Folder images taken as they are (the formats the encode job decodes by default): file suffix ->
+# member extension, one spelling per format.
+_MEMBER_EXT = {"jpeg": "jpg", "tif": "tiff"}
+FOLDER_SUFFIXES = {f".{ext}": _MEMBER_EXT.get(ext, ext) for ext in IMAGE_EXTS}
 SHARD_PATTERN = "{:05d}.tar"
 # Aspect ratios (width / height) of the sample crops: the common photo and video formats both ways.
 SAMPLE_ASPECTS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
@@ -90,7 +92,7 @@ def find_images(folder: str | Path) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise MakeShardsError(f"input folder {root} does not exist or is not a folder")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES)
 
 
 def folder_samples(
@@ -125,7 +127,7 @@ def folder_samples(
         caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else caption_from_name(path.stem)
         meta = {"source": rel, "width": width, "height": height}
         if data is None:
-            data, ext = path.read_bytes(), IMAGE_EXTS[path.suffix.lower()]
+            data, ext = path.read_bytes(), FOLDER_SUFFIXES[path.suffix.lower()]
         else:
             ext = "jpg"
             meta["stored_size"] = [stored[1], stored[0]]
@@ -136,7 +138,7 @@ def folder_samples(
 
 
 def _load_photo(name: str) -> Image.Image:
-    from latentae.train import sample_photo_path
+    from latentae.sample_photos import sample_photo_path
 
     with Image.open(sample_photo_path(name)) as img:
         return img.convert("RGB")
@@ -150,15 +152,13 @@ def sample_crops(
     A crop covers 15-100% of the photo's area at one of SAMPLE_ASPECTS, is mirrored half the time, and
     is downscaled to at most SAMPLE_MAX_SIDE on its long side; its short side is at least `min_size`.
     """
-    # The photo list and its train/held-out split belong to the recipe that trained the tiny weights.
-    from latentae.train import HELDOUT_PHOTOS, SAMPLE_PHOTOS, SampleDataMissing
-    names = sorted(SAMPLE_PHOTOS)
-    if split == "train":
-        names = [n for n in names if n not in HELDOUT_PHOTOS]
-    elif split == "heldout":
-        names = [n for n in names if n in HELDOUT_PHOTOS]
-    elif split != "all":
-        raise MakeShardsError(f"--split must be 'all', 'train' or 'heldout', not {split!r}")
+    # The photo set and its train/held-out split are the ones the tiny weights were trained with.
+    from latentae.sample_photos import HELDOUT_PHOTOS, SAMPLE_PHOTOS, SampleDataMissing, photo_names
+
+    try:
+        names = photo_names(split)
+    except ValueError:
+        raise MakeShardsError(f"--split must be 'all', 'train' or 'heldout', not {split!r}") from None
     try:
         photos = {name: _load_photo(name) for name in names}
     except SampleDataMissing as exc:
@@ -342,7 +342,7 @@ def make_shards(args: argparse.Namespace) -> tuple[list[str], int, int]:
         return write_shards(samples, args.out, per_shard, storage_options=so)
     paths = find_images(args.input)
     if not paths:
-        raise MakeShardsError(f"no image files ({', '.join(sorted(IMAGE_EXTS))}) under {args.input}")
+        raise MakeShardsError(f"no image files ({', '.join(sorted(FOLDER_SUFFIXES))}) under {args.input}")
     if args.shuffle:
         paths = [paths[i] for i in np.random.default_rng(args.seed).permutation(len(paths))]
     max_samples = None

@@ -2,6 +2,8 @@
 
 The manifest makes an output self-describing (model, factors, dtype, shapes, preprocessing) and
 guards resumption: writing into an OUTPUT whose manifest has another fingerprint is refused.
+`build_manifest` makes it from a job config and the loaded model; `check_sizes` refuses target
+sizes that the model cannot encode.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 from . import storage
+from .config import ConfigError, JobConfig, TextEncoderConfig
+from .jsonutil import jsonable, parse_object, utc_now
 from .layout import COMMITS_DIR, manifest_url
 
 __all__ = [
@@ -27,10 +30,13 @@ __all__ = [
     "write_manifest",
     "check_or_write_manifest",
     "code_version",
+    "build_manifest",
+    "check_sizes",
 ]
 
 FORMAT_VERSION = 1
-DTYPES = ("fp32", "fp16", "bf16")
+#: Stored latent dtypes (`output.dtype`); fp8_e4m3 has a per-sample, per-channel scale (`schema.fp8_scale`).
+DTYPES = ("fp32", "fp16", "bf16", "fp8_e4m3")
 STORE_MODES = ("mean", "mean+logvar", "sample")
 
 # Fields whose difference makes two runs' shards incompatible in one OUTPUT.
@@ -46,7 +52,12 @@ FINGERPRINT_FIELDS = (
     "downsample_factor",
     "shapes",
     "preprocess",
+    "text",
 )
+
+# What a text encoder's manifest entry holds only once the encoder is loaded (weights and
+# tokenizer digests, output shapes); see `Manifest.differences`.
+_TEXT_LOADED = ("model", "shapes")
 
 
 class ManifestError(ValueError):
@@ -77,10 +88,6 @@ def code_version() -> str:
     return v
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-
-
 @dataclass
 class Manifest:
     """Contents of OUTPUT/manifest.json.
@@ -90,7 +97,9 @@ class Manifest:
     contain (one for a fixed resolution, one per aspect bucket otherwise); `store` says what the
     `latent` column holds: the posterior mean ("mean"), the mean plus a `logvar` column
     ("mean+logvar"), or one posterior sample ("sample"); `flip` says whether the latents of the
-    horizontally flipped images are stored too.
+    horizontally flipped images are stored too. `text` maps each caption encoder's name to how
+    its outputs were made and stored (config, model class and digests, output shapes; see
+    `pipeline.text`); empty when only latents are stored.
     """
 
     format: str = "parquet"
@@ -104,8 +113,9 @@ class Manifest:
     downsample_factor: int = 8
     shapes: list[list[int]] = field(default_factory=list)
     preprocess: dict[str, Any] = field(default_factory=dict)
+    text: dict[str, Any] = field(default_factory=dict)
     code_version: str = field(default_factory=code_version)
-    created: str = field(default_factory=_now)
+    created: str = field(default_factory=utc_now)
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -131,7 +141,7 @@ class Manifest:
         return tuple(self.shapes[0]) if len(self.shapes) == 1 else None  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -153,13 +163,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str | bytes, url: str = "manifest.json") -> Manifest:
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise ManifestError(f"{url} is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise ManifestError(f"{url} does not hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(parse_object(text, url, ManifestError))
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields two runs must agree on to share an OUTPUT."""
@@ -167,20 +171,18 @@ class Manifest:
         return {k: d[k] for k in FINGERPRINT_FIELDS}
 
     def differences(self, other: Manifest) -> list[str]:
-        """Human-readable list of fingerprint differences, `path: existing -> new`."""
+        """Human-readable list of fingerprint differences, `path: existing -> new`.
+
+        A text encoder entry of `other` without the loaded facts (a manifest built from the config
+        alone, by a rerun with nothing to do) is compared on its configuration only.
+        """
+        mine, theirs = self.fingerprint(), other.fingerprint()
+        for name, entry in theirs["text"].items():
+            if name in mine["text"] and not any(k in entry for k in _TEXT_LOADED):
+                mine["text"][name] = {k: v for k, v in mine["text"][name].items() if k not in _TEXT_LOADED}
         out: list[str] = []
-        _diff(self.fingerprint(), other.fingerprint(), "", out)
+        _diff(mine, theirs, "", out)
         return out
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return value.item()
-    return value
 
 
 def _short(v: Any) -> str:
@@ -266,3 +268,69 @@ def _drop_commits(root: str, storage_options: Mapping[str, Any] | None) -> None:
     commits = storage.join(root, COMMITS_DIR)
     for name in storage.list_files(commits, storage_options):
         storage.remove(storage.join(commits, name), storage_options)
+
+
+def check_sizes(config: JobConfig, factor: int) -> None:
+    """Every target size must be divisible by the model's downsampling factor."""
+    p = config.preprocess
+    key = "preprocess.buckets" if p.buckets else "preprocess.resolution"
+    for i, (h, w) in enumerate(p.target_sizes()):
+        if h % factor or w % factor:
+            where = f"{key}[{i}]" if p.buckets else key
+            raise ConfigError(where, f"{h}x{w} is not divisible by the model's downsampling factor {factor}")
+
+
+def build_manifest(config: JobConfig, model: Any, text: Mapping[str, Mapping[str, Any]] | None = None) -> Manifest:
+    """The output manifest for this config and loaded model (an `AutoencoderKL`).
+
+    `text` holds the loaded facts of the config's text encoders (`TextEncoders.facts()`); without
+    it their entries hold their configuration only (see `Manifest.differences`).
+    """
+    factor = int(model.downsample_factor)
+    channels = int(model.latent_channels)
+    sizes = config.preprocess.target_sizes()
+    fingerprint = dict(model.fingerprint())
+    # The compute dtype changes the latents' low bits: runs sharing an OUTPUT must agree on it.
+    fingerprint["compute_dtype"] = config.model.dtype
+    p = config.preprocess
+    return Manifest(
+        format=config.output.format,
+        dtype=config.output.dtype,
+        store=config.output.store,
+        flip=config.output.flip,
+        model=fingerprint,
+        scaling_factor=float(model.scaling_factor),
+        shift_factor=float(model.shift_factor),
+        latent_channels=channels,
+        downsample_factor=factor,
+        shapes=[[channels, h // factor, w // factor] for h, w in sizes],
+        preprocess={
+            "sizes": [[h, w] for h, w in sizes],
+            "buckets": p.buckets is not None,
+            "crop": p.crop,
+            "seed": p.seed,
+            "background": list(p.background),
+            "resize": "shorter side to cover the target, Lanczos over the crop box; JPEG draft decoding",
+            "min_size": p.min_size,
+            "max_pixels": p.max_pixels,
+            # Absent means no limit, as in outputs made before the limit existed (they resume).
+            **({"max_upscale": p.max_upscale} if p.max_upscale is not None else {}),
+            "image_exts": list(config.input.image_exts),
+            "caption_key": config.input.caption_key,
+        },
+        text={t.name: _text_entry(t, (text or {}).get(t.name)) for t in config.text},
+    )
+
+
+def _text_entry(t: TextEncoderConfig, loaded: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The manifest entry of text encoder `t`, with its loaded facts when given."""
+    entry = {
+        "kind": t.kind,
+        "max_length": t.max_length,
+        "padding": t.padding,
+        "outputs": list(t.outputs),
+        "compute_dtype": t.dtype,
+        "storage_dtype": t.storage_dtype,
+    }
+    entry.update(loaded or {})
+    return entry

@@ -1,27 +1,38 @@
 """Planning: expand the input URL patterns into shards, name them, and skip committed ones.
 
+Committed shards come from the consolidated index (`pipeline.index`): a rerun costs a few
+requests when the index is current and one LIST request per 1000 commits otherwise, never one
+request per shard. Shard names follow `layout.shard_name` (the input's own URL alone), and an
+input that a committed shard records as its source is recognised by that URL, so adding,
+removing or reordering inputs never re-encodes or duplicates a committed shard.
+
 `input.urls` accepts, alone or in a list:
 
 * brace patterns as WebDataset and Bash write them: numeric ranges ``{00000..00099}`` (the width
   of the first bound is kept as zero padding) and alternatives ``{train,val}``; braces nest;
 * globs (``*``, ``?``, ``[...]``), expanded by listing the filesystem (S3, GCS, local, ...);
-* plain URLs, taken as they are: a missing one fails as its own shard, by URL, when read, so a
-  plan of 100k brace-expanded shards does not cost 100k HEAD requests up front.
+* plain URLs, taken as they are: planning makes no request per URL. That they exist is checked
+  before a job starts with one LIST per folder (`pipeline.preflight`); one that disappears later
+  fails as its own shard, by URL, when read.
 
 The order of the expanded list is the scheduling order; duplicates are dropped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import layout, storage
+from .index import ShardIndex, load_index
+from .layout import canonical_url
+from .lease import LeaseRecord
 
-__all__ = ["PlanError", "ShardTask", "Plan", "expand_braces", "expand_urls", "make_plan"]
+__all__ = ["PlanError", "ShardTask", "Plan", "committed_index", "expand_braces", "expand_urls", "make_plan", "qa_quotas"]
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +43,25 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One unit of work: an input shard URL and its output NAME."""
+    """One unit of work: an input shard URL, its output NAME and its QA quota (`qa_quotas`)."""
 
     url: str
     name: str
+    qa_rows: int = 0
 
 
 @dataclass
 class Plan:
-    """All input shards of a job, split into already committed and still to do."""
+    """All input shards of a job, split into already committed and still to do.
+
+    `index` is the OUTPUT's committed shards as planned against (the driver brings it up to date
+    and rewrites it at the end of the run).
+    """
 
     shards: list[ShardTask]
     done: list[ShardTask] = field(default_factory=list)
     todo: list[ShardTask] = field(default_factory=list)
+    index: ShardIndex | None = None
 
 
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(\d+))?$")
@@ -157,24 +174,94 @@ def _glob(url: str, storage_options: Mapping[str, Any] | None) -> list[str]:
     return out
 
 
+#: What planning reads of the index: a rerun at 10^5 shards holds three columns, not every record.
+_PLAN_COLUMNS = ("name", "source", "qa_rows")
+
+
+def qa_quotas(
+    names: Sequence[str], samples: int, committed_qa_rows: int = 0, committed: Collection[str] = ()
+) -> dict[str, int]:
+    """QA samples each to-do shard keeps, so the whole OUTPUT keeps fewer than 2 x `samples`.
+
+    The carriers are the min(len(names), samples) shards of the job with the smallest SHA-256 of
+    their NAME (a choice that depends on the names alone, not on order or workers), each keeping
+    ceil(samples / carriers). The `committed_qa_rows` the output holds count against the budget:
+    the carriers not in `committed`, in hash order, get their quota only while the total stays
+    below `samples`, so a job that grows its inputs never adds more. Other shards keep none.
+    """
+    if samples <= 0 or not names:
+        return {}
+    carriers = sorted(names, key=lambda n: (hashlib.sha256(n.encode("utf-8")).digest(), n))[: min(len(names), samples)]
+    quota = -(-samples // len(carriers))
+    out: dict[str, int] = {}
+    kept = committed_qa_rows
+    for name in carriers:
+        if kept >= samples:
+            break
+        if name in committed:
+            continue
+        out[name] = quota
+        kept += quota
+    return out
+
+
+def committed_index(
+    output_root: str,
+    output_storage_options: Mapping[str, Any] | None = None,
+    *,
+    lease: LeaseRecord | None | bool = True,
+    columns: Sequence[str] | None = None,
+) -> ShardIndex:
+    """`load_index` of OUTPUT for planning; a storage failure is a PlanError naming `output.path`."""
+    try:
+        return load_index(output_root, output_storage_options, lease=lease, columns=columns)
+    except Exception as e:  # storage clients raise their own types (e.g. botocore NoCredentialsError)
+        raise PlanError(
+            f"output.path: cannot read the commits of {storage.redact(output_root)}: {type(e).__name__}: {e}"
+        ) from e
+
+
 def make_plan(
     urls: str | list[str],
     output_root: str,
     input_storage_options: Mapping[str, Any] | None = None,
     output_storage_options: Mapping[str, Any] | None = None,
+    *,
+    index: ShardIndex | None = None,
+    qa_samples: int = 0,
 ) -> Plan:
-    """Expand the inputs, name every shard and split them by whether OUTPUT has their commit."""
-    from .commit import committed_names
+    """Expand the inputs, name every shard and split them by whether OUTPUT has it committed.
 
+    The committed shards come from `index` or else `load_index` (the consolidated index plus a
+    LIST of `_commits/`: no per-shard request). An input whose source URL a committed shard records
+    is that shard, whatever its NAME (outputs from before the stable-name rule keep their names);
+    any other input gets `layout.shard_name`. A NAME already committed from another source URL is
+    refused. `qa_samples` sets the to-do shards' QA quotas (`qa_quotas`).
+    """
     expanded = expand_urls(urls, input_storage_options)
-    names = layout.shard_names(expanded)
-    shards = [ShardTask(url=u, name=names[u]) for u in expanded]
-    try:
-        done_names = set(committed_names(output_root, output_storage_options))
-    except Exception as e:  # storage clients raise their own types (e.g. botocore NoCredentialsError)
-        raise PlanError(
-            f"output.path: cannot read the commits of {storage.redact(output_root)}: {type(e).__name__}: {e}"
-        ) from e
-    done = [s for s in shards if s.name in done_names]
-    todo = [s for s in shards if s.name not in done_names]
-    return Plan(shards=shards, done=done, todo=todo)
+    if index is None:
+        index = committed_index(output_root, output_storage_options, columns=_PLAN_COLUMNS)
+    committed_source = {n: canonical_url(s) if s else None for n, s in zip(index.names, index.column("source"))}
+    by_source = {c: n for n, c in committed_source.items() if c}
+    shards: list[ShardTask] = []
+    names_seen: dict[str, str] = {}
+    for url in expanded:
+        canon = canonical_url(url)
+        name = by_source.get(canon) or layout.shard_name(url)
+        if name in names_seen:
+            if names_seen[name] == canon:
+                log.warning("input.urls: %s is the same shard as an earlier input; dropped", storage.redact(url))
+                continue
+            raise PlanError(f"input.urls: {storage.redact(url)} and {storage.redact(names_seen[name])} "
+                            f"both get the shard name {name!r}")
+        owner = committed_source.get(name)
+        if owner is not None and owner != canon:
+            raise PlanError(f"input.urls: {storage.redact(url)} gets the shard name {name!r}, which "
+                            f"{storage.redact(output_root)} holds already from {storage.redact(owner)}")
+        names_seen[name] = canon
+        shards.append(ShardTask(url=url, name=name))
+    done = [s for s in shards if s.name in index]
+    qa_rows = sum(index.column("qa_rows")) if "qa_rows" in index.table.column_names else 0
+    quotas = qa_quotas([s.name for s in shards], qa_samples, qa_rows, index)
+    todo = [ShardTask(url=s.url, name=s.name, qa_rows=quotas.get(s.name, 0)) for s in shards if s.name not in index]
+    return Plan(shards=shards, done=done, todo=todo, index=index)

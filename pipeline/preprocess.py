@@ -11,6 +11,10 @@ Policy (the one SD/SDXL training uses):
    generator seeded by (`preprocess.seed`, sample key), so the crop of a key is the same on
    every run, worker and machine.
 
+An image that step 2 would enlarge more than `max_upscale` times (`preprocess.max_upscale`, 4 by
+default) is refused as ``too_small``: an 8x8 icon blown up to 128 px is a blur, not a training
+image, and its latent would be stored as if it were one.
+
 Steps 2 and 3 run as one resampling of just the crop's box (Pillow's `resize(box=...)`): the
 same filter over the same geometry, without computing the pixels the crop would discard (a
 quarter of the work for a 4:3 photo to a square). It matches resize-then-crop except for a few
@@ -71,7 +75,9 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
 class Preprocessor:
     """Maps a decoded image and its key to encoder-ready pixels (see the module docstring)."""
 
-    def __init__(self, sizes: list[tuple[int, int]], crop: str = "center", seed: int = 0):
+    def __init__(self, sizes: list[tuple[int, int]], crop: str = "center", seed: int = 0,
+                 max_upscale: float | None = None):
+        """`max_upscale`: the largest resize factor allowed (None: no limit)."""
         if not sizes:
             raise ValueError("at least one target size is needed")
         if crop not in ("center", "random"):
@@ -79,10 +85,11 @@ class Preprocessor:
         self.sizes = [(int(h), int(w)) for h, w in sizes]
         self.crop = crop
         self.seed = seed
+        self.max_upscale = max_upscale
 
     @classmethod
     def from_config(cls, config: PreprocessConfig) -> Preprocessor:
-        return cls(config.target_sizes(), crop=config.crop, seed=config.seed)
+        return cls(config.target_sizes(), crop=config.crop, seed=config.seed, max_upscale=config.max_upscale)
 
     def target_for(self, original_size: tuple[int, int]) -> tuple[int, int]:
         """Target (height, width) of an image of `original_size`."""
@@ -112,6 +119,13 @@ class Preprocessor:
         if min(original) <= 0:
             raise PreprocessError("corrupt", f"image of size {original}")
         target = self.target_for(original)
+        scale = max(target[0] / original[0], target[1] / original[1])
+        if self.max_upscale is not None and scale > self.max_upscale:
+            raise PreprocessError(
+                "too_small",
+                f"{original[0]}x{original[1]} (HxW) would be upscaled {scale:.3g}x to cover {target[0]}x{target[1]}, "
+                f"more than preprocess.max_upscale {self.max_upscale:g}",
+            )
         resized = self.resized_size(original)
         pixels = image.pixels
         top, left = self.crop_offset(key, resized, target)

@@ -28,6 +28,9 @@ Grouping (what WebDataset does, plus checks WebDataset does not make)
       several match on their last part (``v1.jpg``, ``v2.jpg``) -> ledger row
       ``ambiguous_image``; exactly one such member is used;
     * a needed member over `max_member_bytes` -> ledger row ``member_too_large``;
+    * a member name that is not UTF-8 -> ledger row ``key_not_utf8``, its key written with the
+      undecodable bytes escaped (``caf\\xe9``): a key must be text in every output format, and the
+      escaped form still tells which member it was;
     * members without an extension, directories and links are not samples and are skipped.
 
     A tar that cannot be read to its end (truncated, damaged, not a tar) raises
@@ -45,13 +48,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import storage
+from .config import IMAGE_EXTS
 from .tarstream import open_members
 
-__all__ = ["Sample", "SampleError", "ShardReadError", "ShardReader", "split_member_name"]
+__all__ = ["Sample", "SampleError", "ShardReadError", "ShardReader", "escape_key", "split_member_name"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 MAX_MEMBER_BYTES = 128 * 1024 * 1024
 
 
@@ -95,6 +98,20 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (f"{directory}/{stem}" if directory else stem), ext
 
 
+def _is_utf8(text: str) -> bool:
+    # Member names are decoded with "surrogateescape": bytes that are not UTF-8 became lone surrogates.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def escape_key(key: str) -> str:
+    """`key` as text: the bytes of a member name that are not UTF-8 written as ``\\xNN``."""
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class ShardReader:
     """Iterate over the samples of one tar shard (see the module docstring for the rules)."""
 
@@ -103,7 +120,7 @@ class ShardReader:
         url: str,
         storage_options: Mapping[str, Any] | None = None,
         *,
-        image_exts: list[str] | tuple[str, ...] = DEFAULT_IMAGE_EXTS,
+        image_exts: list[str] | tuple[str, ...] = IMAGE_EXTS,
         caption_key: str = "txt",
         max_member_bytes: int = MAX_MEMBER_BYTES,
     ):
@@ -182,6 +199,10 @@ class ShardReader:
         problems: list[tuple[str, str]],
         seen: set[str],
     ) -> Sample | SampleError:
+        if not _is_utf8(key):
+            shown = escape_key(key)
+            return SampleError(shown, index, "key_not_utf8",
+                               f"key {shown} is not UTF-8 (bytes shown as \\xNN); sample skipped")
         if key in seen:
             return SampleError(
                 key,

@@ -15,8 +15,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -97,22 +97,30 @@ def _local_temp(path: str) -> tuple[int, str]:
     return fd, tmp
 
 
+def _publish_local(path: str, fill: Callable[[BinaryIO], object]) -> None:
+    """Write the local file `path` whole: `fill` writes a temp file beside it, fsynced, then renamed over `path`.
+
+    Readers see the old file or the new one, never a part of it.
+    """
+    fd, tmp = _local_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path))
+
+
 def put_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write `data` as the whole object at `url`, atomically (see module docstring)."""
     fs, path = filesystem(url, storage_options)
     try:
         if is_local(fs):
-            fd, tmp = _local_temp(path)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                _unlink_quiet(tmp)
-                raise
-            _fsync_dir(os.path.dirname(path))
+            _publish_local(path, lambda f: f.write(data))
         else:
             fs.pipe_file(path, bytes(data))
             fs.invalidate_cache(path)
@@ -144,17 +152,12 @@ def put_file(
                     return
                 except OSError:
                     pass  # different device: fall back to copy + rename
-            fd, tmp = _local_temp(path)
-            try:
-                with os.fdopen(fd, "wb") as dst, open(local_path, "rb") as src:
+
+            def copy(dst: BinaryIO) -> None:
+                with open(local_path, "rb") as src:
                     shutil.copyfileobj(src, dst, 4 * 1024 * 1024)
-                    dst.flush()
-                    os.fsync(dst.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                _unlink_quiet(tmp)
-                raise
-            _fsync_dir(os.path.dirname(path))
+
+            _publish_local(path, copy)
             if move:
                 _unlink_quiet(local_path)
         else:
@@ -178,7 +181,15 @@ def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> by
     """Read the whole object at `url`. Raises FileNotFoundError when it does not exist."""
     fs, path = filesystem(url, storage_options)
     try:
-        return fs.cat_file(path)
+        if is_local(fs):
+            return fs.cat_file(path)
+        try:
+            # An open range is one GET; without it s3fs first asks for the size (a HEAD).
+            return fs.cat_file(path, start=0)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            return fs.cat_file(path)  # an empty object has no byte 0 (HTTP 416)
     except FileNotFoundError:
         raise FileNotFoundError(f"not found: {redact(url)}") from None
     except OSError as e:
@@ -194,14 +205,15 @@ def read_many(urls: list[str], storage_options: Mapping[str, Any] | None = None)
         return {}
     fs, _ = filesystem(urls[0], storage_options)
     paths = [filesystem(u, storage_options)[1] for u in urls]
-    got = fs.cat(paths, on_error="return")
+    # An open range is one GET per object (see read_bytes).
+    got = fs.cat(paths, on_error="return") if is_local(fs) else fs.cat(paths, on_error="return", start=0)
     out: dict[str, bytes | None] = {}
     for url, path in zip(urls, paths):
         value = got.get(path) if isinstance(got, dict) else got
         if isinstance(value, FileNotFoundError):
             out[url] = None
         elif isinstance(value, BaseException):
-            raise StorageError(f"could not read {redact(url)}: {value}") from value
+            out[url] = read_bytes(url, storage_options)  # e.g. an empty object: no byte 0 to range from
         else:
             out[url] = value
     return out

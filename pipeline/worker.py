@@ -1,59 +1,58 @@
 """The encode worker: one input shard in, one committed output shard out.
 
 `EncodeWorker` is a plain class (tests drive it directly); `driver.py` wraps it in a Ray actor.
-Inside `process_shard` the stages overlap:
+It holds what outlives a shard: the model on its device (`device_encoder.py`), the decode pool
+(`decodepool.py`) and the resolved batch size. Inside `process_shard` the stages overlap:
 
-    main thread    read tar (prefetching cache) -> submit decode -> collect in order -> batch per
-                   bucket -> encode on the device
-    decode pool    decode + preprocess, `decode_threads` wide, kept `prefetch` samples ahead of
-                   the encoder: threads of this process, or processes of their own
-                   (`ray.decode_mode`, see decodepool.py)
-    writer thread  storage rounding, Parquet/tar writing (local temp files)
+    shard thread   read tar (prefetching cache) -> submit to the decode pool -> collect in order ->
+                   batch per bucket (`batcher.py`) -> launch batch N on the device -> encode the
+                   non-finite samples of batch N-1 again in fp32 (`finite.py`), build its rows and
+                   pick its QA samples (`qa_select.py`)
+    decode pool    decode + preprocess, `decode_threads` wide, kept ahead of the encoder: threads
+                   of this process, or processes of their own (`ray.decode_mode`, `decodepool.py`)
+    device         encodes batch N meanwhile (asynchronous on CUDA, `device_encoder.py`)
+    writer thread  storage rounding, Parquet/tar writing to local temp files (`writer.py`)
 
 and the shard is committed (uploaded whole, commit record last) at the end. Output rows come in
 a deterministic order that depends only on the shard's content and the config, so a shard gives
-the same bytes whichever worker encodes it and however many workers there are.
+the same bytes whichever worker encodes it and however many workers there are. For a config with
+several outputs, `fanout.py` runs one `EncodeWorker` per output on samples read and decoded once.
 """
 
 from __future__ import annotations
 
 import hashlib
-import heapq
 import logging
-import math
-import os
 import queue
-import signal
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from . import storage
-from .batching import auto_batch_size, batch_warning, memory_budget
-from .config import ConfigError, JobConfig
+from . import faults, storage
+from .batch_size import auto_batch_size, batch_warning, memory_budget
+from .batcher import Batch, ShardBatcher
+from .config import JobConfig
 from .decode import DecodeOptions
-from .decodepool import DecodeFailure, DecodePool, prepare, resolve_mode
-from .manifest import Manifest
+from .decodepool import DecodePool, resolve_mode
+from .device_encoder import DeviceEncoder, PendingPosterior
+from .finite import NON_FINITE, FiniteLadder, Posterior
+from .manifest import build_manifest, check_sizes
 from .models import load_model
-from .preprocess import Preprocessed, Preprocessor
+from .preprocess import Preprocessor
+from .qa_select import QASelector, qa_per_shard
 from .reader import Sample, SampleError, ShardReader
-from .writer import ErrorRow, LatentRow, QARow, ShardWriter
+from .reasons import Reason
+from .rows import ErrorRow, LatentRow, QARow
+from .writer import ShardWriter, WriterThread
 
-__all__ = ["EncodeWorker", "ShardResult", "build_manifest", "default_decoders", "qa_per_shard", "torch_threads",
-           "FAULT_KILL_AFTER", "FAULT_MARKER"]
+__all__ = ["EncodeWorker", "SharedParts", "ShardResult", "STAGES", "default_decoders", "torch_threads"]
 
 log = logging.getLogger(__name__)
-
-#: Test-only fault hook: kill the worker process (SIGKILL) after this many encoded rows of a
-#: shard, once per marker file (see `_FaultHook`).
-FAULT_KILL_AFTER = "LATENT_FAULT_KILL_AFTER"
-FAULT_MARKER = "LATENT_FAULT_MARKER"
 
 
 @dataclass
@@ -73,85 +72,30 @@ class ShardResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     #: Images per encoder call (`ray.batch_size`, resolved).
     batch_size: int = 0
+    #: Samples whose reduced-precision posterior was not finite and that were encoded again in
+    #: fp32 (`pipeline.finite`); `fp32_recovered` of them were finite then and are stored.
+    fp32_retries: int = 0
+    fp32_recovered: int = 0
+    #: The commit record as written (`CommitRecord.to_dict()`): the driver indexes it without reading it back.
+    commit: dict[str, Any] = field(default_factory=dict)
 
 
 #: Keys of `ShardResult.stage_seconds`.
 STAGES = ("decode_wait", "encode", "write_wait", "commit")
 
 
-def qa_per_shard(samples: int, num_shards: int) -> int:
-    """QA samples each shard keeps so the whole run keeps about `samples`."""
-    if samples <= 0:
-        return 0
-    return math.ceil(samples / max(1, num_shards))
+@dataclass
+class SharedParts:
+    """What an `EncodeWorker` shares with the workers of a job's other outputs (`pipeline.fanout`).
 
-
-def _key_hash(key: str) -> int:
-    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big")
-
-
-def _key_seed(seed: int, key: str, what: str) -> int:
-    digest = hashlib.sha256(f"{seed}\0{what}\0{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-class _QAEntry:
-    """Heap entry ordered so that heapq's min-heap keeps the largest (hash, key) on top."""
-
-    __slots__ = ("rank", "row")
-
-    def __init__(self, rank: tuple[int, str], row: QARow):
-        self.rank = rank
-        self.row = row
-
-    def __lt__(self, other: _QAEntry) -> bool:
-        return self.rank > other.rank
-
-
-class _QASelector:
-    """Keeps the k samples of a shard whose sha1(key) is smallest (a stable, spread-out choice)."""
-
-    def __init__(self, k: int):
-        self.k = k
-        self._heap: list[_QAEntry] = []
-
-    def offer(self, key: str, make_row: Callable[[], QARow]) -> None:
-        if self.k <= 0:
-            return
-        rank = (_key_hash(key), key)
-        if len(self._heap) < self.k:
-            heapq.heappush(self._heap, _QAEntry(rank, make_row()))
-        elif rank < self._heap[0].rank:
-            heapq.heapreplace(self._heap, _QAEntry(rank, make_row()))
-
-    def rows(self) -> list[QARow]:
-        return [e.row for e in sorted(self._heap, key=lambda e: e.rank)]
-
-
-class _FaultHook:
-    """Test-only crash injection: SIGKILL the process mid-shard, once per marker file.
-
-    Active only when both LATENT_FAULT_KILL_AFTER=N and LATENT_FAULT_MARKER=PATH are set. The
-    first worker to pass N encoded rows in a shard creates PATH (atomically) and kills itself;
-    later attempts see PATH and carry on, so the retry succeeds.
+    Such a worker starts no decoders of its own (each `process_shard` call brings the shard's
+    samples and the decoders shared by all outputs), launches on the device under `device_lock`,
+    which every output's worker holds, and checks its batch size against `memory_share` of the
+    worker's memory (the outputs' encoders run side by side).
     """
 
-    def __init__(self) -> None:
-        after = os.environ.get(FAULT_KILL_AFTER)
-        self.marker = os.environ.get(FAULT_MARKER)
-        self.after = int(after) if after and self.marker else None
-
-    def check(self, rows: int) -> None:
-        if self.after is None or rows < self.after or os.path.exists(self.marker):  # type: ignore[arg-type]
-            return
-        try:
-            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # type: ignore[arg-type]
-        except FileExistsError:
-            return
-        os.write(fd, f"killed pid {os.getpid()} after {rows} rows\n".encode())
-        os.close(fd)
-        log.warning("fault hook: killing worker process %d after %d rows", os.getpid(), rows)
-        os.kill(os.getpid(), signal.SIGKILL)
+    device_lock: threading.Lock
+    memory_share: float
 
 
 def torch_threads(device_type: str, cpus: float) -> int:
@@ -169,51 +113,6 @@ def default_decoders(device_type: str, cpus: float) -> int:
     return n - 2 if device_type != "cpu" and n >= 4 else n
 
 
-def check_sizes(config: JobConfig, factor: int) -> None:
-    """Every target size must be divisible by the model's downsampling factor."""
-    p = config.preprocess
-    key = "preprocess.buckets" if p.buckets else "preprocess.resolution"
-    for i, (h, w) in enumerate(p.target_sizes()):
-        if h % factor or w % factor:
-            where = f"{key}[{i}]" if p.buckets else key
-            raise ConfigError(where, f"{h}x{w} is not divisible by the model's downsampling factor {factor}")
-
-
-def build_manifest(config: JobConfig, model: Any) -> Manifest:
-    """The output manifest for this config and loaded model."""
-    factor = int(model.downsample_factor)
-    channels = int(model.latent_channels)
-    sizes = config.preprocess.target_sizes()
-    fingerprint = dict(model.fingerprint())
-    # The compute dtype changes the latents' low bits: runs sharing an OUTPUT must agree on it.
-    fingerprint["compute_dtype"] = config.model.dtype
-    p = config.preprocess
-    return Manifest(
-        format=config.output.format,
-        dtype=config.output.dtype,
-        store=config.output.store,
-        flip=config.output.flip,
-        model=fingerprint,
-        scaling_factor=float(model.scaling_factor),
-        shift_factor=float(model.shift_factor),
-        latent_channels=channels,
-        downsample_factor=factor,
-        shapes=[[channels, h // factor, w // factor] for h, w in sizes],
-        preprocess={
-            "sizes": [[h, w] for h, w in sizes],
-            "buckets": p.buckets is not None,
-            "crop": p.crop,
-            "seed": p.seed,
-            "background": list(p.background),
-            "resize": "shorter side to cover the target, Lanczos over the crop box; JPEG draft decoding",
-            "min_size": p.min_size,
-            "max_pixels": p.max_pixels,
-            "image_exts": list(config.input.image_exts),
-            "caption_key": config.input.caption_key,
-        },
-    )
-
-
 class EncodeWorker:
     """Encodes whole shards with one autoencoder held on one device.
 
@@ -224,256 +123,279 @@ class EncodeWorker:
     set_threads: set torch's CPU thread count from `ray.num_cpus_per_worker` (actors do; a
         plain caller keeps its process-wide setting).
     model: an already loaded `AutoencoderKL` (default: loaded from `config.model`).
+    shared: the parts it shares with the workers of other outputs of one read (`SharedParts`).
+
+    Its parts are attributes: `model`, `manifest`, `batch_size`, `device_encoder` (a
+    `DeviceEncoder`), `text_encoders` (`TextEncoders` of the `text` section, or None), `preprocessor`, `decode_options` and `decode_pool` (a `DecodePool` of
+    `decode_threads` threads or processes, per `decode_mode`). `concurrency` shards may be
+    processed at once; `running` maps each shard being encoded to its rows written so far.
     """
 
-    def __init__(self, config: JobConfig, *, device: str | None = None, set_threads: bool = False, model: Any = None):
+    def __init__(self, config: JobConfig, *, device: str | None = None, set_threads: bool = False, model: Any = None,
+                 shared: SharedParts | None = None):
         import torch
 
         self.config = config
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.shared = shared
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cpus = max(1, int(config.ray.num_cpus_per_worker))
         if set_threads:
             torch.set_num_threads(torch_threads(self.device.type, cpus))
-        self.decode_threads = config.ray.decode_threads or default_decoders(self.device.type, cpus)
-        self.model = model if model is not None else load_model(config.model)
-        check_sizes(config, int(self.model.downsample_factor))
-        self.model.prepare(
-            device=str(self.device),
-            dtype=config.model.dtype,
-            channels_last=config.model.channels_last_on(self.device.type),
-            compile=config.model.compile,
-        )
-        self.manifest = build_manifest(config, self.model)
-        sizes = config.preprocess.target_sizes()
-        batch = config.ray.batch_size
-        self.batch_size = auto_batch_size(self.device.type, sizes) if batch == "auto" else int(batch)
-        warning = batch_warning(
-            self.batch_size, sizes, int(self.model.config.ch), self.device.type, config.model.dtype,
-            memory_budget(self.device, gpu_share=config.ray.num_gpus_per_worker, cpus=cpus),
-        )
-        if warning:
-            log.warning(warning)
-        # Shards this worker may encode at the same time (one lane of device buffers each).
-        self.concurrency = config.ray.shards_in_flight(gpu=self.device.type == "cuda")
-        self._encoder = _DeviceEncoder(
-            self.model, self.device, cuda_graphs=config.model.cuda_graphs and not config.model.compile,
-            lanes=self.concurrency,
-        )
-        self._lanes: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for lane in range(self.concurrency):
-            self._lanes.put(lane)
-        self.preprocessor = Preprocessor.from_config(config.preprocess)
-        p = config.preprocess
-        self.decode_options = DecodeOptions(
-            background=(int(p.background[0]), int(p.background[1]), int(p.background[2])),
-            max_pixels=p.max_pixels,
-            min_size=p.min_size,
-        )
-        self.decode_mode = resolve_mode(config.ray.decode_mode, gpu=self.device.type == "cuda", workers=self.decode_threads)
-        self._decoder = DecodePool(self.decode_threads, self.decode_mode, self.decode_options, self.preprocessor,
-                                   timeout=config.ray.decode_timeout)
-        self._decoder.warm_up()
+        self.model = self._prepare_model(model)
+        self.text_encoders = self._load_text_encoders()
+        self.manifest = build_manifest(config, self.model,
+                                       self.text_encoders.facts() if self.text_encoders is not None else None)
+        self.batch_size = self._resolve_batch_size(cpus)
+        self._start_device_stage()
+        self._start_decode_stage(cpus)
         log.info("encode worker: %s on %s, batch %d, %d decode %s, %d shard(s) at a time", type(self.model).__name__,
                  self.device, self.batch_size, self.decode_threads, self.decode_mode, self.concurrency)
-        self._fault = _FaultHook()
+        self._kill_hook = faults.kill_after_rows()
         # Shards being encoded -> images written so far. Read from other threads by the actor's
         # progress(); written under the GIL one key at a time.
         self.running: dict[str, int] = {}
 
+    def _prepare_model(self, model: Any) -> Any:
+        """The model (loaded from the config unless given), checked against the target sizes and
+        set up for inference on this worker's device."""
+        model = model if model is not None else load_model(self.config.model)
+        check_sizes(self.config, int(model.downsample_factor))
+        m = self.config.model
+        model.prepare(device=str(self.device), dtype=m.dtype, channels_last=m.channels_last_on(self.device.type),
+                      compile=m.compile)
+        return model
+
+    def _load_text_encoders(self) -> Any:
+        """The caption encoders of the `text` section on this worker's device; None without one.
+        They run here rather than in actors of their own: see `pipeline.text_encoders`."""
+        if not self.config.text:
+            return None
+        # Imported here: it brings transformers, which an image-only job never imports.
+        from .text_encoders import TextEncoders
+
+        return TextEncoders(self.config.text, self.device)
+
+    def _resolve_batch_size(self, cpus: int) -> int:
+        """`ray.batch_size` with "auto" resolved; logs a warning when it looks too large to fit."""
+        config = self.config
+        sizes = config.preprocess.target_sizes()
+        batch = config.ray.batch_size
+        size = auto_batch_size(self.device.type, sizes) if batch == "auto" else int(batch)
+        budget = memory_budget(self.device, gpu_share=config.ray.num_gpus_per_worker, cpus=cpus)
+        if budget is not None and self.shared is not None:
+            budget = int(budget * self.shared.memory_share)
+        warning = batch_warning(size, sizes, int(self.model.config.ch), self.device.type, config.model.dtype, budget)
+        if warning:
+            log.warning(warning)
+        return size
+
+    def _start_device_stage(self) -> None:
+        """`device_encoder`, with one lane of device buffers per shard encoded at the same time."""
+        gpu = self.device.type == "cuda"
+        m = self.config.model
+        self.concurrency = self.config.ray.shards_in_flight(gpu=gpu)
+        self.device_encoder = DeviceEncoder(self.model, self.device, cuda_graphs=m.cuda_graphs and not m.compile,
+                                            lanes=self.concurrency,
+                                            lock=self.shared.device_lock if self.shared is not None else None)
+        self.finite = FiniteLadder(self.device_encoder, m.dtype)
+        self._lanes: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for lane in range(self.concurrency):
+            self._lanes.put(lane)
+
+    def _start_decode_stage(self, cpus: int) -> None:
+        """`decode_pool` (started and warmed up; None with `shared` parts) and what its decoders use."""
+        config = self.config
+        gpu = self.device.type == "cuda"
+        self.decode_threads = config.ray.decode_threads or default_decoders(self.device.type, cpus)
+        self.decode_mode = resolve_mode(config.ray.decode_mode, gpu=gpu, workers=self.decode_threads)
+        self.preprocessor = Preprocessor.from_config(config.preprocess)
+        self.decode_options = _decode_options(config)
+        self.decode_pool: DecodePool | None = None
+        if self.shared is None:
+            self.decode_pool = DecodePool(self.decode_threads, self.decode_mode, self.decode_options,
+                                          self.preprocessor, timeout=config.ray.decode_timeout)
+            self.decode_pool.warm_up()
+
     def close(self) -> None:
         """Stop the decode threads or processes."""
-        self._decoder.close()
+        if self.decode_pool is not None:
+            self.decode_pool.close()
 
-    # -- one shard --------------------------------------------------------------------------
-
-    def process_shard(self, url: str, name: str, *, num_shards: int = 1) -> ShardResult:
+    def process_shard(
+        self, url: str, name: str, *, num_shards: int = 1, qa_rows: int | None = None, fresh: bool = False,
+        samples: Iterable[Sample | SampleError] | None = None, decode_pool: Any = None,
+    ) -> ShardResult:
         """Read, encode, write and commit input shard `url` as output shard `name`.
 
-        `num_shards` is the number of shards of the whole job (it sets the per-shard QA quota).
+        `qa_rows` is the QA samples this shard keeps (the plan's quota, `plan.qa_quotas`); without
+        it, `num_shards` (the job's shard count) sets an even share of `qa.samples`. `fresh`: the
+        plan handed the shard out as having no valid commit (see `ShardWriter`).
         Bad samples become ledger rows; a shard-level problem (unreadable tar, storage or device
         failure) raises, and nothing of the shard is committed.
 
         Up to `concurrency` shards may be processed at once, from different threads (a Ray actor
         with several shards in flight): they share the decode pool and the device, so one shard's
         start overlaps another's end. Each shard's output is what it would be alone.
+
+        `samples` and `decode_pool` (a worker with `shared` parts gets both): the shard's samples as
+        read once for every output, and the decoders that prepare them for every output
+        (`pipeline.fanout`), instead of reading `url` and decoding here.
         """
         lane = self._lanes.get()
         self.running[name] = 0
         try:
-            return self._process_shard(url, name, num_shards, lane)
+            quota = qa_rows if qa_rows is not None else qa_per_shard(self.config.qa.samples, num_shards)
+            return _ShardJob(self, url, name, quota, lane, fresh, samples, decode_pool).run()
         finally:
             self.running.pop(name, None)
             self._lanes.put(lane)
 
-    def _process_shard(self, url: str, name: str, num_shards: int, lane: int) -> ShardResult:
+
+def _decode_options(config: JobConfig) -> DecodeOptions:
+    p = config.preprocess
+    return DecodeOptions(
+        background=(int(p.background[0]), int(p.background[1]), int(p.background[2])),
+        max_pixels=p.max_pixels,
+        min_size=p.min_size,
+    )
+
+
+@dataclass
+class _Launched:
+    """A batch whose encoding has been started on the device."""
+
+    batch: Batch
+    result: PendingPosterior
+    #: The captions' embeddings (a `text_encoders.PendingText`) when the output stores them.
+    text: Any = None
+
+
+class _ShardJob:
+    """One shard through an `EncodeWorker`: its device lane, its writer thread, its QA pick and
+    its counters. Used once, by `run`."""
+
+    def __init__(self, worker: EncodeWorker, url: str, name: str, qa_rows: int, lane: int, fresh: bool,
+                 samples: Iterable[Sample | SampleError] | None, decode_pool: Any):
+        self.worker = worker
+        self.samples = samples
+        self.decode_pool = decode_pool if decode_pool is not None else worker.decode_pool
+        self.config = worker.config
+        self.url = url
+        self.name = name
+        self.lane = lane
+        self.qa = QASelector(qa_rows)
+        self.fresh = fresh
+        self.reasons: Counter[str] = Counter()
+        self.clock = dict.fromkeys(STAGES, 0.0)
+        self.rows = 0
+        self.fp32_retries = 0
+        self.fp32_recovered = 0
+
+    def run(self) -> ShardResult:
         start = time.monotonic()
-        out = self.config.output
-        reader = ShardReader(
-            url,
-            self.config.input.storage_options,
-            image_exts=self.config.input.image_exts,
-            caption_key=self.config.input.caption_key,
-        )
-        qa = _QASelector(qa_per_shard(self.config.qa.samples, num_shards))
-        reasons: Counter[str] = Counter()
-        clock = dict.fromkeys(STAGES, 0.0)
-        rows = 0
+        inp, out = self.config.input, self.config.output
+        reader = self.samples if self.samples is not None else ShardReader(
+            self.url, inp.storage_options, image_exts=inp.image_exts, caption_key=inp.caption_key)
         with ShardWriter(
-            out.path, name, fmt=out.format, dtype=out.dtype, storage_options=out.storage_options,
-            manifest_info=self.manifest,
+            out.path, self.name, fmt=out.format, dtype=out.dtype, storage_options=out.storage_options,
+            manifest_info=self.worker.manifest, fresh=self.fresh,
         ) as writer:
-            sink = _WriterThread(writer, clock)
-
-            def finish(launched: _Launched) -> None:
-                nonlocal rows
-                t0 = time.perf_counter()
-                launched.result.wait()
-                clock["encode"] += time.perf_counter() - t0
-                latent_rows = self._rows(launched, url, qa)
-                sink.put(("rows", latent_rows))
-                rows += len(latent_rows)
-                self.running[name] = rows
-                self._fault.check(rows)
-
+            self.sink = WriterThread(writer, self.clock)
             try:
-                # One batch stays in flight on the device while the next one is assembled: on
-                # CUDA the encoder computes batch N while this thread collects decoded samples
-                # and builds the rows of batch N-1.
-                in_flight: _Launched | None = None
-                for batch in self._batches(reader, url, reasons, sink, clock):
-                    t0 = time.perf_counter()
-                    launched = self._launch(batch, lane)
-                    clock["encode"] += time.perf_counter() - t0
-                    if in_flight is not None:
-                        finish(in_flight)
-                    in_flight = launched
-                if in_flight is not None:
-                    finish(in_flight)
+                self._encode(reader)
                 t0 = time.perf_counter()
-                sink.close()
-                clock["write_wait"] += time.perf_counter() - t0
+                self.sink.close()
+                self.clock["write_wait"] += time.perf_counter() - t0
             except BaseException:
-                sink.abort()
+                self.sink.abort()
                 raise
             t0 = time.perf_counter()
-            writer.add_qa_rows(qa.rows())
+            writer.add_qa_rows(self.qa.rows())
             record = writer.commit()
-            clock["commit"] = time.perf_counter() - t0
+            self.clock["commit"] = time.perf_counter() - t0
         seconds = time.monotonic() - start
-        log.info("shard %s: %d rows, %d errors in %.1fs", name, record.rows, record.errors, seconds)
+        log.info("shard %s: %d rows, %d errors in %.1fs", self.name, record.rows, record.errors, seconds)
         return ShardResult(
-            name=name, url=storage.redact(url), rows=record.rows, errors=record.errors,
-            errors_by_reason=dict(reasons), qa_rows=record.qa_rows, seconds=seconds,
-            stage_seconds={k: round(v, 3) for k, v in clock.items()}, batch_size=self.batch_size,
+            name=self.name, url=storage.redact(self.url), rows=record.rows, errors=record.errors,
+            errors_by_reason=dict(self.reasons), qa_rows=record.qa_rows, seconds=seconds,
+            stage_seconds={k: round(v, 3) for k, v in self.clock.items()}, batch_size=self.worker.batch_size,
+            fp32_retries=self.fp32_retries, fp32_recovered=self.fp32_recovered,
+            commit=record.to_dict(),
         )
 
-    # -- read + decode + batch ---------------------------------------------------------------
-
-    def _prepare(self, sample: Sample) -> Preprocessed | ErrorRow:
-        """Decode + preprocess one sample here, in the calling thread."""
-        result = prepare(sample.image, sample.key, self.decode_options, self.preprocessor)
-        if isinstance(result, DecodeFailure):
-            return ErrorRow(sample.key, "", result.stage, result.reason, result.message)
-        return result
-
-    def _batches(self, reader: ShardReader, url: str, reasons: Counter[str], sink: _WriterThread,
-                 clock: dict[str, float]):
-        """Yield lists of (sample, preprocessed) of one target size, in a deterministic order.
-
-        Samples go to the decode pool in chunks and come back in shard order; bad samples (from
-        the reader or the decoder) reach the ledger in shard order too, whatever the pool.
-        """
-        batch_size = self.batch_size
-        # Threads: 4 samples per thread; processes: 2 chunks per process.
-        prefetch = max(2 * batch_size, self.decode_threads * max(4, 2 * self._decoder.chunk))
-        # Partial buckets hold decoded images; cap them so many buckets cannot exhaust memory.
-        max_pending = 4 * batch_size
-        pending: dict[tuple[int, int], list[tuple[Sample, Preprocessed]]] = {}
-        # Entries in shard order: a read error, or a chunk of samples with the (key, bytes) items
-        # sent to the decode pool and its future.
-        window: deque[SampleError | tuple[list[Sample], list[tuple[str, bytes]], Future]] = deque()
-        queued = 0  # samples in the window
-        chunk: list[Sample] = []
-
-        def error(row: ErrorRow) -> None:
-            reasons[f"{row.stage}/{row.error}"] += 1
-            sink.put(("error", row))
-
-        def add(sample: Sample, result: Preprocessed | DecodeFailure):
-            if isinstance(result, DecodeFailure):
-                error(ErrorRow(sample.key, url, result.stage, result.reason, result.message))
-                return None
-            bucket = pending.setdefault(result.target_size, [])
-            bucket.append((sample, result))
-            if len(bucket) >= batch_size:
-                return pending.pop(result.target_size)
-            if sum(len(b) for b in pending.values()) > max_pending:
-                fullest = max(pending, key=lambda k: (len(pending[k]), k))
-                return pending.pop(fullest)
-            return None
-
-        def oldest():
-            """Collect the oldest window entry; yields the batches it completes."""
-            nonlocal queued
-            entry = window.popleft()
-            if isinstance(entry, SampleError):
-                error(ErrorRow(entry.key, url, "read", entry.reason, entry.message))
-                return
-            samples, items, future = entry
-            queued -= len(samples)
+    def _encode(self, reader: Iterable[Sample | SampleError]) -> None:
+        """Batch, encode and hand the rows to the writer thread (errors go to the ledger)."""
+        worker = self.worker
+        batcher = ShardBatcher(reader, self.url, self.decode_pool, worker.batch_size, on_error=self._error)
+        # One batch stays in flight on the device while the next one is assembled: on CUDA the
+        # encoder computes batch N while this thread collects decoded samples and builds the rows
+        # of batch N-1.
+        in_flight: _Launched | None = None
+        for batch in batcher:
             t0 = time.perf_counter()
-            results = self._decoder.result(future, items)
-            clock["decode_wait"] += time.perf_counter() - t0
-            for sample, result in zip(samples, results):
-                ready = add(sample, result)
-                if ready:
-                    yield ready
+            launched = self._launch(batch)
+            self.clock["encode"] += time.perf_counter() - t0
+            if in_flight is not None:
+                self._finish(in_flight)
+            in_flight = launched
+        if in_flight is not None:
+            self._finish(in_flight)
+        self.clock["decode_wait"] += batcher.decode_wait
 
-        def flush() -> None:
-            nonlocal chunk, queued
-            if chunk:
-                items = [(s.key, s.image) for s in chunk]
-                window.append((chunk, items, self._decoder.submit(items)))
-                queued += len(chunk)
-                chunk = []
-
-        for item in reader:
-            if isinstance(item, SampleError):
-                flush()
-                window.append(item)
-            else:
-                chunk.append(item)
-                if len(chunk) >= self._decoder.chunk:
-                    flush()
-            while queued >= prefetch:
-                yield from oldest()
-        flush()
-        while window:
-            yield from oldest()
-        for size in list(pending):
-            yield pending.pop(size)
-
-    # -- encode -------------------------------------------------------------------------------
-
-    def _launch(self, batch: list[tuple[Sample, Preprocessed]], lane: int = 0) -> _Launched:
-        """Start encoding `batch` (asynchronously on CUDA); `_rows` collects the result."""
+    def _launch(self, batch: Batch) -> _Launched:
+        """Start encoding `batch` in this shard's lane (asynchronously on CUDA)."""
         pixels = np.stack([p.pixels for _, p in batch])
-        return _Launched(batch, self._encoder.launch(pixels, flip=self.config.output.flip, lane=lane))
+        result = self.worker.device_encoder.launch(pixels, flip=self.config.output.flip, lane=self.lane)
+        # Queued on the device behind the images, so both come back at about the same time.
+        text = self.worker.text_encoders
+        return _Launched(batch, result, text.launch([s.caption for s, _ in batch]) if text is not None else None)
 
-    def _rows(self, launched: _Launched, url: str, qa: _QASelector) -> list[LatentRow]:
-        import torch
+    def _error(self, row: ErrorRow) -> None:
+        self.reasons[str(Reason(row.stage, row.error))] += 1
+        self.sink.put(("error", row))
 
+    def _finish(self, launched: _Launched) -> None:
+        """Wait for a launched batch and send its rows to the writer."""
+        t0 = time.perf_counter()
+        launched.result.wait()
+        posterior = self._finite(launched)
+        texts = launched.text.get() if launched.text is not None else None
+        self.clock["encode"] += time.perf_counter() - t0
+        rows = self._rows(launched, posterior, texts)
+        self.sink.put(("rows", rows))
+        self.rows += len(rows)
+        self.worker.running[self.name] = self.rows
+        self.worker._kill_hook.check(self.rows)
+
+    def _finite(self, launched: _Launched) -> tuple[Posterior, np.ndarray]:
+        """The batch's posterior with non-finite samples encoded again in fp32 (`pipeline.finite`),
+        and which samples stay non-finite (bool [B]): those go to the ledger, not into rows."""
+        batch = launched.batch
+        result = self.worker.finite.apply(launched.result.get(), [p.pixels for _, p in batch],
+                                          flip=self.config.output.flip)
+        self.fp32_retries += result.retried
+        self.fp32_recovered += result.recovered
+        for i in np.flatnonzero(result.rejected):
+            sample = batch[i][0]
+            self._error(ErrorRow(sample.key, self.url, NON_FINITE.stage, NON_FINITE.error,
+                                 f"NaN or Inf in the posterior computed in {self.config.model.dtype}"
+                                 + (" and again in fp32" if self.config.model.dtype != "fp32" else "")))
+        return result.posterior, result.rejected
+
+    def _rows(self, launched: _Launched, posterior: tuple[Posterior, np.ndarray],
+              texts: list[dict[str, Any]] | None) -> list[LatentRow]:
         out = self.config.output
         keep_logvar = out.store == "mean+logvar"
-        mean, logvar, flip_mean, flip_logvar = launched.result.get()
+        seed = self.config.preprocess.seed
+        (mean, logvar, flip_mean, flip_logvar), rejected = posterior
         rows = []
         for i, (sample, pre) in enumerate(launched.batch):
+            if rejected[i]:
+                continue
             latent = mean[i]
             row = LatentRow(
                 key=sample.key,
-                source=url,
+                source=self.url,
                 index=sample.index,
                 latent=latent,
                 logvar=logvar[i] if keep_logvar else None,
@@ -482,265 +404,37 @@ class EncodeWorker:
                 original_size=pre.original_size,
                 crop_top_left=pre.crop_top_left,
                 target_size=pre.target_size,
+                text=texts[i] if texts is not None else None,
             )
             if out.store == "sample":
-                row.latent = self._sample(mean[i], logvar[i], sample.key, "sample", torch)
+                row.latent = _sample(mean[i], logvar[i], seed, sample.key, "sample")
             if out.flip:
                 assert flip_mean is not None and flip_logvar is not None
                 row.latent_flip = (
-                    self._sample(flip_mean[i], flip_logvar[i], sample.key, "sample-flip", torch)
+                    _sample(flip_mean[i], flip_logvar[i], seed, sample.key, "sample-flip")
                     if out.store == "sample"
                     else flip_mean[i]
                 )
                 row.logvar_flip = flip_logvar[i] if keep_logvar else None
             rows.append(row)
-            qa.offer(
-                sample.key,
-                lambda s=sample, p=pre, m=latent: QARow(key=s.key, source=url, pixels=p.pixels, latent=m.copy(), bucket=p.bucket),
-            )
+            self.qa.offer(sample.key, lambda s=sample, p=pre, m=latent: QARow(
+                key=s.key, source=self.url, pixels=p.pixels, latent=m.copy(), bucket=p.bucket))
         return rows
 
-    def _posterior(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [B, H, W, 3] -> fp32 posterior mean and logvar [B, C, h, w] as numpy (synchronous)."""
-        mean, logvar, _, _ = self._encoder.launch(pixels, flip=False).get()
-        return mean, logvar
 
-    def _sample(self, mean: np.ndarray, logvar: np.ndarray, key: str, what: str, torch: Any) -> np.ndarray:
-        # Noise seeded per key (not per batch) so a sample does not depend on batching or device.
-        g = torch.Generator().manual_seed(_key_seed(self.config.preprocess.seed, key, what))
-        eps = torch.randn(mean.shape, generator=g, dtype=torch.float32).numpy()
-        return (mean + np.exp(0.5 * logvar) * eps).astype(np.float32)
+def _key_seed(seed: int, key: str, what: str) -> int:
+    digest = hashlib.sha256(f"{seed}\0{what}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-@dataclass
-class _Launched:
-    """A batch whose encoding has been started on the device."""
+def _sample(mean: np.ndarray, logvar: np.ndarray, seed: int, key: str, what: str) -> np.ndarray:
+    """One draw of N(mean, exp(logvar)) for `store: sample`."""
+    import torch
 
-    batch: list[tuple[Sample, Preprocessed]]
-    result: _PendingPosterior
-
-
-class _PendingPosterior:
-    """Posterior tensors of one batch, on their way back to the host.
-
-    `get()` waits for the device (CUDA: for this batch's copies only) and returns numpy arrays
-    that the caller owns: (mean, logvar, flip_mean, flip_logvar), the flipped pair None unless
-    asked for.
-    """
-
-    def __init__(self, host: list[Any], event: Any = None):
-        self._host = host
-        self._event = event
-
-    def wait(self) -> None:
-        """Block until the device has finished this batch (no-op on CPU, where it already has)."""
-        if self._event is not None:
-            self._event.synchronize()
-
-    def get(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-        if self._event is not None:
-            self._event.synchronize()
-            # The pinned buffers are reused two batches later: hand out copies.
-            arrays = [t.numpy().copy() for t in self._host]
-        else:
-            arrays = [t.numpy() for t in self._host]
-        mean, logvar = arrays[0], arrays[1]
-        flip_mean, flip_logvar = (arrays[2], arrays[3]) if len(arrays) > 2 else (None, None)
-        return mean, logvar, flip_mean, flip_logvar
-
-
-class _DeviceEncoder:
-    """Runs the encoder on uint8 batches; on CUDA the copies and the compute are asynchronous.
-
-    CPU: plain synchronous calls. CUDA: each batch is copied into one of two reused pinned host
-    buffers and sent to the device on a separate copy stream (so the upload of batch N+1 overlaps
-    the encoder's work on batch N); the compute stream waits for that copy only, runs the
-    encoder, and copies the posterior back into reused pinned buffers without blocking; an event
-    marks when they are filled. Only uint8 crosses the bus on the way in (4x less than float32);
-    the scaling to [-1, 1] happens on the device. At most two batches use the buffers at a time
-    (the one being encoded and the one being prepared), which `EncodeWorker` guarantees by
-    collecting batch N before launching batch N+2.
-
-    Shards encoded at the same time (from different threads) each use their own `lane`: a pair of
-    slots, so the rule above holds per shard. A lock makes launches one at a time; collecting
-    (`get`) needs no lock.
-
-    With `cuda_graphs`, the encoder of each (slot, batch shape, flip) is captured once as a CUDA
-    graph and then replayed: one call per batch instead of hundreds of kernel launches from
-    Python. That matters because the launching thread shares the GIL with the decode threads;
-    eager launches starve while they decode. All graphs share one memory pool (they replay one
-    after another on one stream), and a shape whose capture fails falls back to eager calls.
-    """
-
-    def __init__(self, model: Any, device: Any, *, cuda_graphs: bool = False, lanes: int = 1):
-        import torch
-
-        self.model = model
-        self.device = device
-        self.cuda = device.type == "cuda"
-        slots = 2 * max(1, lanes)
-        self._next = [0] * max(1, lanes)  # per lane: which of its two slots the next batch uses
-        self._lock = threading.Lock()
-        # Per slot: pinned host input by (shape, flip), its upload-done event, pinned outputs by shape.
-        self._staging: list[dict[tuple, Any]] = [{} for _ in range(slots)]
-        self._uploaded: list[Any] = [None] * slots
-        self._outputs: list[dict[tuple, Any]] = [{} for _ in range(slots)]
-        self.cuda_graphs = bool(cuda_graphs) and self.cuda
-        # (slot, shape, flip) -> (graph, static uint8 input, static outputs), or None after a failed capture.
-        self._graphs: dict[tuple, Any] = {}
-        self._graph_pool: Any = None
-        if self.cuda:
-            self._copy_stream = torch.cuda.Stream(device=device)
-
-    def launch(self, pixels: np.ndarray, *, flip: bool, lane: int = 0) -> _PendingPosterior:
-        """Start encoding uint8 [B, H, W, 3] (and its mirror image when `flip`) in `lane`."""
-        import torch
-
-        with torch.inference_mode():
-            if not self.cuda:
-                return _PendingPosterior(self._encode_all(torch.from_numpy(pixels), flip))
-            with self._lock:
-                slot = 2 * lane + self._next[lane]
-                self._next[lane] ^= 1
-                return self._launch_cuda(pixels, flip, slot)
-
-    def _encode(self, x: Any) -> tuple[Any, Any]:
-        # x: uint8 NHWC on the device -> float32 mean, logvar (on the device).
-        x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-        posterior = self.model.encode(x)
-        return posterior.mean.float(), posterior.logvar.float()
-
-    def _encode_all(self, x: Any, flip: bool) -> list[Any]:
-        outputs = list(self._encode(x))
-        if flip:
-            outputs += self._encode(x.flip(2))
-        return outputs
-
-    def _graph(self, slot: int, shape: tuple, flip: bool) -> Any:
-        """The captured graph for this slot, shape and flip (captured on first use); None: run eagerly."""
-        import torch
-
-        key = (slot, shape, flip)
-        if key in self._graphs:
-            return self._graphs[key]
-        entry = None
-        try:
-            torch.cuda.synchronize(self.device)
-            static_in = torch.zeros(shape, dtype=torch.uint8, device=self.device)
-            side = torch.cuda.Stream(device=self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up (cuDNN/cuBLAS choose their kernels) before capture
-                for _ in range(2):
-                    self._encode_all(static_in, flip)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: another shard's thread may wait on its events while this one captures.
-            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-                outputs = self._encode_all(static_in, flip)
-            if self._graph_pool is None:
-                self._graph_pool = graph.pool()
-            entry = (graph, static_in, outputs)
-        except Exception as exc:  # noqa: BLE001 - any capture failure means: run this shape eagerly
-            log.warning("CUDA graph capture failed for batch shape %s (flip=%s), encoding it eagerly: %s",
-                        shape, flip, exc)
-            torch.cuda.synchronize(self.device)
-        self._graphs[key] = entry
-        return entry
-
-    def _launch_cuda(self, pixels: np.ndarray, flip: bool, slot: int) -> _PendingPosterior:
-        import torch
-
-        staging = self._staging[slot].get(pixels.shape)
-        if staging is None:
-            staging = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
-            self._staging[slot][pixels.shape] = staging
-        if self._uploaded[slot] is not None:
-            self._uploaded[slot].synchronize()  # the upload that last read this buffer is done
-        staging.numpy()[...] = pixels
-        compute = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self._copy_stream):
-            x = staging.to(self.device, non_blocking=True)
-            uploaded = torch.cuda.Event()
-            uploaded.record(self._copy_stream)
-        self._uploaded[slot] = uploaded
-        compute.wait_event(uploaded)
-        # x was allocated on the copy stream; tell the caching allocator the compute stream uses it.
-        x.record_stream(compute)
-        graph = self._graph(slot, tuple(pixels.shape), flip) if self.cuda_graphs else None
-        if graph is None:
-            outputs = self._encode_all(x, flip)
-        else:
-            g, static_in, outputs = graph
-            static_in.copy_(x)  # device to device, on the compute stream: ordered before the replay
-            g.replay()
-        host = []
-        for i, t in enumerate(outputs):
-            key = (i, tuple(t.shape))
-            buf = self._outputs[slot].get(key)
-            if buf is None:
-                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                self._outputs[slot][key] = buf
-            buf.copy_(t, non_blocking=True)
-            host.append(buf)
-        done = torch.cuda.Event()
-        done.record(compute)
-        return _PendingPosterior(host, done)
-
-
-class _WriterThread:
-    """Feeds a ShardWriter from a bounded queue in its own thread (the writer is single-threaded)."""
-
-    def __init__(self, writer: ShardWriter, clock: dict[str, float], depth: int = 4):
-        self.writer = writer
-        self._clock = clock
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"writer-{writer.name}", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if self.error is not None or self._stop.is_set():
-                continue  # drain so the producer never blocks
-            kind, payload = item
-            try:
-                if kind == "rows":
-                    self.writer.write(payload)
-                else:
-                    self.writer.add_error(payload)
-            except BaseException as e:
-                self.error = e
-
-    def put(self, item: tuple[str, Any]) -> None:
-        t0 = time.perf_counter()
-        try:
-            while True:
-                if self.error is not None:
-                    raise self.error
-                try:
-                    self.queue.put(item, timeout=0.5)
-                    return
-                except queue.Full:
-                    continue
-        finally:
-            self._clock["write_wait"] += time.perf_counter() - t0
-
-    def close(self) -> None:
-        """Wait until everything queued is written; re-raise a write error."""
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def abort(self) -> None:
-        self._stop.set()
-        try:
-            self.queue.put(None, timeout=5)
-        except queue.Full:
-            pass
-        self.thread.join(timeout=30)
+    # Noise seeded per key (not per batch) so a sample does not depend on batching or device.
+    g = torch.Generator().manual_seed(_key_seed(seed, key, what))
+    eps = torch.randn(mean.shape, generator=g, dtype=torch.float32).numpy()
+    # numpy's exp, not torch's (`latentae.sample_gaussian`): they differ in the last bit for about
+    # one float32 in eleven, and stored samples stay bit-identical to those earlier versions wrote
+    # (a resumed OUTPUT holds shards of both).
+    return (mean + np.exp(0.5 * logvar) * eps).astype(np.float32)

@@ -92,6 +92,57 @@ def s3_server():
             proc.kill()
 
 
+@dataclass
+class CountingS3Server(S3Server):
+    """An in-process moto S3 server that records every request it serves, to count real requests."""
+
+    requests: list[tuple[str, str]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.requests.clear()
+
+    def count(self, method: str | None = None, contains: str = "") -> int:
+        """Requests served since `reset`, of `method` (any when None) whose path holds `contains`."""
+        return sum(1 for m, path in list(self.requests) if (method is None or m == method) and contains in path)
+
+
+@pytest.fixture(scope="session")
+def counting_s3():
+    """A moto S3 server in this process behind a WSGI wrapper that counts every request."""
+    import threading
+
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
+
+    app = DomainDispatcherApplication(create_backend_app)
+    served: list[tuple[str, str]] = []
+
+    def counted(environ, start_response):
+        if not environ.get("PATH_INFO", "").startswith("/moto-api"):
+            served.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", "") + "?" + environ.get("QUERY_STRING", "")))
+        return app(environ, start_response)
+
+    httpd = make_server("127.0.0.1", 0, counted, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        yield CountingS3Server(endpoint_url=f"http://127.0.0.1:{httpd.server_port}", process=None, requests=served)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        httpd.shutdown()
+        thread.join()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the whole session (starting Ray costs seconds)."""

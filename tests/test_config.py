@@ -38,7 +38,7 @@ def test_defaults_are_typed_sections():
 @pytest.mark.parametrize(
     "sections, message",
     [
-        ({"output": {"dtype": "fp64"}}, "output.dtype: expected one of fp32|fp16|bf16, got 'fp64'"),
+        ({"output": {"dtype": "fp64"}}, "output.dtype: expected one of fp32|fp16|bf16|fp8_e4m3, got 'fp64'"),
         ({"output": {"dtyp": "fp16"}}, "output.dtyp: unknown key (did you mean 'dtype'?)"),
         ({"ray": {"workers": "two"}}, "ray.workers: expected an integer, got 'two'"),
         ({"ray": {"batch_size": True}}, "ray.batch_size: expected an integer or one of auto, got True"),

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,3 +106,35 @@ def test_limits_and_failures():
     with pytest.raises(DecodeError) as e:
         decode_image(jpeg[: len(jpeg) // 2])
     assert e.value.reason == "corrupt"
+
+
+def test_pixel_limit_is_per_call_and_leaves_pillow_and_warnings_alone(monkeypatch):
+    # A small Pillow limit stands in for huge images: 40x40 is above it (Pillow warns), 50x50 above
+    # twice it (Pillow refuses).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    warned, refused = _bytes(Image.new("RGB", (40, 40)), "PNG"), _bytes(Image.new("RGB", (50, 50)), "PNG")
+    filters = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert decode_image(warned, DecodeOptions(max_pixels=10_000)).pixels.shape == (40, 40, 3)
+        for data, limit in ((warned, 1500), (refused, 10_000)):
+            with pytest.raises(DecodeError) as e:
+                decode_image(data, DecodeOptions(max_pixels=limit))
+            assert e.value.reason == "too_large"
+    assert not caught
+    assert Image.MAX_IMAGE_PIXELS == 1000 and warnings.filters == filters
+
+
+def test_import_changes_no_process_state():
+    script = (
+        "import io, warnings\n"
+        "import numpy\n"  # numpy installs filters of its own on import
+        "from PIL import Image\n"
+        "limit, filters = Image.MAX_IMAGE_PIXELS, list(warnings.filters)\n"
+        "from pipeline.decode import DecodeOptions, decode_image\n"
+        "buf = io.BytesIO(); Image.new('RGB', (8, 8)).save(buf, 'PNG')\n"
+        "decode_image(buf.getvalue(), DecodeOptions(max_pixels=3 * limit))\n"
+        "assert Image.MAX_IMAGE_PIXELS == limit, Image.MAX_IMAGE_PIXELS\n"
+        "assert warnings.filters == filters\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -18,7 +18,8 @@ from conftest import sample_photos, write_shard
 from PIL import Image
 
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.decodepool import FAULT_CRASH_KEY, FAULT_HANG_KEY, resolve_mode
+from pipeline.decodepool import resolve_mode
+from pipeline.faults import CRASH_KEY, HANG_KEY
 from pipeline.worker import EncodeWorker
 
 pytestmark = pytest.mark.timeout(180)
@@ -71,7 +72,7 @@ def test_processes_write_the_same_bytes_as_threads(tmp_path, tiny_model):
     for mode in ("threads", "processes"):
         out = tmp_path / mode
         worker = EncodeWorker(_config(str(shard), out, mode), device="cpu", model=tiny_model)
-        assert worker.decode_mode == mode and worker._decoder.chunk == (1 if mode == "threads" else 8)
+        assert worker.decode_mode == mode and worker.decode_pool.chunk == (1 if mode == "threads" else 8)
         try:
             result = worker.process_shard(str(shard), "mixed", num_shards=1)
         finally:
@@ -88,11 +89,11 @@ def test_processes_write_the_same_bytes_as_threads(tmp_path, tiny_model):
 
 def test_a_decoder_crash_costs_one_sample(tmp_path, tiny_model, monkeypatch):
     shard = _mixed_shard(tmp_path / "mixed.tar")
-    monkeypatch.setenv(FAULT_CRASH_KEY, "p05")  # the decode process dies on this sample, every time
+    monkeypatch.setenv(CRASH_KEY, "p05")  # the decode process dies on this sample, every time
     worker = EncodeWorker(_config(str(shard), tmp_path / "out", "processes"), device="cpu", model=tiny_model)
     try:
         result = worker.process_shard(str(shard), "mixed", num_shards=1)
-        assert worker._decoder.restarts >= 2  # the first crash, then the retry of p05 alone
+        assert worker.decode_pool.restarts >= 2  # the first crash, then the retry of p05 alone
         # The restarted pool keeps working for the next shard.
         again = worker.process_shard(str(shard), "again", num_shards=1)
     finally:
@@ -109,7 +110,7 @@ def test_a_decoder_crash_costs_one_sample(tmp_path, tiny_model, monkeypatch):
 
 def test_a_hanging_decoder_costs_one_sample(tmp_path, tiny_model, monkeypatch):
     shard = _mixed_shard(tmp_path / "mixed.tar")
-    monkeypatch.setenv(FAULT_HANG_KEY, "p07")  # a decode process never finishes this sample
+    monkeypatch.setenv(HANG_KEY, "p07")  # a decode process never finishes this sample
     config = _config(str(shard), tmp_path / "out", "processes", decode_timeout=1)
     worker = EncodeWorker(config, device="cpu", model=tiny_model)
     t0 = time.monotonic()
@@ -127,7 +128,7 @@ def test_a_hanging_decoder_costs_one_sample(tmp_path, tiny_model, monkeypatch):
 def test_threads_ignore_the_crash_hook(tmp_path, tiny_model, monkeypatch):
     # The hook kills decode processes only; in threads it would kill the worker itself.
     shard = _mixed_shard(tmp_path / "mixed.tar")
-    monkeypatch.setenv(FAULT_CRASH_KEY, "p05")
+    monkeypatch.setenv(CRASH_KEY, "p05")
     worker = EncodeWorker(_config(str(shard), tmp_path / "out", "threads"), device="cpu", model=tiny_model)
     assert worker.process_shard(str(shard), "mixed", num_shards=1).rows == 17
 

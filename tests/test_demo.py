@@ -30,7 +30,8 @@ def run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 
 def check_output(out: Path, shards: int, samples: int) -> dict:
     assert (out / "manifest.json").is_file()
-    assert sorted(p.name for p in (out / "_commits").iterdir()) == [f"{i:05d}.json" for i in range(shards)]
+    # NAME = the input file name, a dash and a hash of its URL (layout.shard_name)
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (out / "_commits").iterdir()) == [f"{i:05d}" for i in range(shards)]
     rows = sum(json.loads(p.read_text())["rows"] for p in (out / "_commits").iterdir())
     assert rows == samples
     assert (out / "qa" / "report.html").is_file()

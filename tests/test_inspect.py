@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_format_common import make_manifest, make_rows, write_output
+from output_builders import make_manifest, make_rows, write_output
 
 from pipeline import storage, writer
 from pipeline.inspect import main
+from pipeline.summary import EncodeSummary, FailedShard, write_summary
 from pipeline.writer import ShardWriter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +38,9 @@ def test_inspect_summary(tmp_path, capsys, monkeypatch):
     except RuntimeError:
         pass
     monkeypatch.undo()
-    storage.put_bytes(os.path.join(root, "summary.json"), json.dumps({"status": "failed", "failed": [{"name": "d", "url": "in/d.tar", "attempts": 3, "error": "OSError: gone"}]}).encode())
+    # The last run failed shard d, which left no file at all: it is "missing".
+    write_summary(EncodeSummary(output=root, status="failed", shards_total=4, shards_committed=2,
+                                failed=[FailedShard("d", "in/d.tar", 3, "OSError: gone")]), root)
     assert main([root]) == 0
     out = capsys.readouterr().out
     assert "2 committed, 1 uncommitted, 0 broken, 1 missing" in out

@@ -22,7 +22,7 @@ from latentae.checkpoint import (
     native_to_diffusers,
     read_tensors,
 )
-from latentae.config import ConfigError
+from latentae.config import AutoencoderConfigError
 
 SMALL = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, scaling_factor=0.5)
 FLUXLIKE = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, embed_dim=16,
@@ -195,7 +195,7 @@ def test_inference_uses_unique_preset_factors(tmp_path):
 def test_linear_attention_roundtrip(tmp_path):
     cfg = SMALL.replace(attn_type="linear", attn_resolutions=(128,))
     ref = _model(cfg)
-    with pytest.raises(ConfigError, match="linear"):
+    with pytest.raises(AutoencoderConfigError, match="linear"):
         ref.save_pretrained(tmp_path / "d")
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "lin.safetensors"))
     ae = AutoencoderKL.from_pretrained(tmp_path / "lin.safetensors")

@@ -19,7 +19,7 @@ from latentae import (
     get_preset,
     list_presets,
 )
-from latentae.config import ConfigError
+from latentae.config import AutoencoderConfigError
 from latentae.encoder import AttnBlock, LinAttnBlock, Normalize, ResnetBlock
 
 SEED_ARGS = dict(
@@ -177,13 +177,13 @@ def test_posterior():
 def test_config_roundtrip_and_errors():
     cfg = get_preset("sd3")
     assert AutoencoderConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ConfigError, match="bogus"):
+    with pytest.raises(AutoencoderConfigError, match="bogus"):
         AutoencoderConfig.from_dict({"bogus": 1})
-    with pytest.raises(ConfigError, match="embed_dim"):
+    with pytest.raises(AutoencoderConfigError, match="embed_dim"):
         AutoencoderConfig(z_channels=4, embed_dim=8, use_quant_conv=False)
-    with pytest.raises(ConfigError, match="'ch'"):
+    with pytest.raises(AutoencoderConfigError, match="'ch'"):
         AutoencoderConfig(ch=48)
-    with pytest.raises(ConfigError, match="unknown autoencoder preset 'nope'"):
+    with pytest.raises(AutoencoderConfigError, match="unknown autoencoder preset 'nope'"):
         get_preset("nope")
 
 
@@ -217,9 +217,9 @@ def test_norm_num_groups_reaches_every_norm_and_is_validated():
     with torch.no_grad():
         assert not torch.allclose(ae.encode(x).mean, other.encode(x).mean)
     assert SMALL.same_architecture(SMALL.replace(norm_num_groups=8))  # no tensor tells them apart
-    with pytest.raises(ConfigError, match="norm_num_groups"):
+    with pytest.raises(AutoencoderConfigError, match="norm_num_groups"):
         SMALL.replace(norm_num_groups=64)  # 32 channels cannot form 64 groups
-    with pytest.raises(ConfigError, match="norm_num_groups"):
+    with pytest.raises(AutoencoderConfigError, match="norm_num_groups"):
         SMALL.replace(norm_num_groups=0)
 
 
@@ -244,7 +244,7 @@ def test_prepare_dtypes_and_channels_last():
         assert post.mean.dtype == torch.float32 and ae.decode(post.mean).dtype == torch.float32
         assert (post.mean - want).abs().max().item() < tol, dtype
         assert not any(p.requires_grad for p in ae.parameters())
-    with pytest.raises(ConfigError, match="compute dtype"):
+    with pytest.raises(AutoencoderConfigError, match="compute dtype"):
         AutoencoderKL(SMALL).prepare(dtype="fp8")
 
 

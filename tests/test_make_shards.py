@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentae.train import HELDOUT_PHOTOS, SAMPLE_PHOTOS
+from latentae.sample_photos import HELDOUT_PHOTOS, SAMPLE_PHOTOS
 from pipeline import make_shards
 
 needs_photos = pytest.mark.skipif(importlib.util.find_spec("skimage") is None,

@@ -25,6 +25,7 @@ from pipeline.config import config_from_dict
 from pipeline.manifest import check_or_write_manifest, read_manifest
 from pipeline.qa import run_qa
 from pipeline.qa.report import format_number, resolve
+from pipeline.summary import EncodeSummary, FailedShard, write_summary
 
 BUCKETS = [[64, 64], [56, 72]]
 
@@ -150,10 +151,11 @@ def good_report(encoded, ray_local, tmp_path_factory):
     base = tmp_path_factory.mktemp("good-report")
     out = _copy(good, base / "out")
     # The encode run's summary (as the driver writes it) names a shard that failed.
-    (out / "summary.json").write_text(json.dumps({
-        "status": "failed", "images": 10, "seconds": 2.5, "images_per_second": 4.0, "workers": 1, "retries": 2,
-        "failed": [{"name": "00002", "url": "in/00002.tar", "attempts": 3, "error": "ReadError: truncated tar"}],
-    }))
+    write_summary(EncodeSummary(
+        output=str(out), status="failed", shards_total=3, shards_committed=2, images=10, seconds=2.5,
+        images_per_second=4.0, workers=1, retries=2,
+        failed=[FailedShard("00002", "in/00002.tar", 3, "ReadError: truncated tar")],
+    ), str(out))
     write_random_lpips_weights(base / "lpips.safetensors")
     code = run_qa(_config(inputs, out, qa={"lpips_weights": str(base / "lpips.safetensors")}))
     return code, json.loads((out / "qa" / "metrics.json").read_text()), out

@@ -57,12 +57,19 @@ def test_local_failed_write_keeps_old_object(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
+    src = tmp_path / "src" / "local.bin"
+    src.parent.mkdir()
+    src.write_bytes(b"partial")
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(storage.StorageError, match="obj.bin"):
         storage.put_bytes(url, b"partial")
+    for move in (False, True):
+        with pytest.raises(storage.StorageError, match="obj.bin"):
+            storage.put_file(src, url, move=move)
     monkeypatch.undo()
     assert storage.read_bytes(url) == b"good"
-    assert os.listdir(tmp_path) == ["obj.bin"]  # no temporary file left behind
+    assert sorted(os.listdir(tmp_path)) == ["obj.bin", "src"]  # no temporary file left behind
+    assert src.read_bytes() == b"partial"  # a failed move keeps its source
 
 
 def test_s3_whole_object_writes(s3_server, tmp_path):
@@ -83,16 +90,7 @@ def test_s3_whole_object_writes(s3_server, tmp_path):
     assert not storage.exists(url, so)
 
 
-def test_shard_names():
-    assert layout.shard_name("s3://b/in/00042.tar") == "00042"
-    assert layout.shard_name("/data/x.tar.gz") == "x"
-    assert layout.shard_name("https://h/p/we ird&name.tar?sig=1") == "we_ird_name"
-    urls = ["s3://b/a/00000.tar", "s3://b/b/00000.tar", "s3://b/a/00001.tar", "s3://c/a/00000.tar"]
-    names = layout.shard_names(urls)
-    assert names["s3://b/a/00001.tar"] == "00001"
-    assert len(set(names.values())) == 4
-    assert names["s3://b/b/00000.tar"] == "b__00000"
-    assert layout.shard_name("s3://b/a/00000.tar", urls) == names["s3://b/a/00000.tar"]
+def test_layout_urls():
     assert layout.shard_url("s3://o", "n", "wds") == "s3://o/shards/n.tar"
     assert layout.commit_url("s3://o/", "n") == "s3://o/_commits/n.json"
     assert layout.errors_url("/o", "n") == "/o/errors/n.parquet"

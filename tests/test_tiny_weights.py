@@ -11,7 +11,8 @@ import torch
 
 from latentae import AutoencoderKL, get_preset
 from latentae.presets import SHIPPED_WEIGHTS
-from latentae.train import HELDOUT_PHOTOS, SAMPLE_PHOTOS, CropSampler, eval_crops, heldout_psnr, sample_photos
+from latentae.sample_photos import HELDOUT_PHOTOS, SAMPLE_PHOTOS, sample_photos
+from latentae.train import CropSampler, eval_crops, heldout_psnr
 
 WEIGHTS = SHIPPED_WEIGHTS["tiny"]
 needs_photos = pytest.mark.skipif(importlib.util.find_spec("skimage") is None,

@@ -16,7 +16,8 @@ from PIL import Image
 
 from pipeline.commit import read_commit
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.worker import EncodeWorker, qa_per_shard
+from pipeline.qa_select import qa_per_shard
+from pipeline.worker import EncodeWorker
 from pipeline.writer import from_storage
 
 
@@ -215,6 +216,6 @@ def test_channels_last_auto_is_on_for_cpu_workers(tmp_path):
     auto = EncodeWorker(_config("x.tar", tmp_path / "a"), device="cpu", model=AutoencoderKL.from_preset("tiny"))
     off = EncodeWorker(_config("x.tar", tmp_path / "b", model={"channels_last": False}), device="cpu",
                        model=AutoencoderKL.from_preset("tiny"))
-    assert auto.model._channels_last and not off.model._channels_last
+    assert auto.model.channels_last and not off.model.channels_last
     weight = auto.model.encoder.conv_in.weight
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()

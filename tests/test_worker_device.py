@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.worker import _DeviceEncoder
+from pipeline.device_encoder import DeviceEncoder
 
 
 def test_launch_matches_the_encoder_and_its_mirror_image():
@@ -14,7 +14,7 @@ def test_launch_matches_the_encoder_and_its_mirror_image():
 
     model = AutoencoderKL.from_preset("tiny").prepare(device="cpu")
     pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    encoder = _DeviceEncoder(model, torch.device("cpu"))
+    encoder = DeviceEncoder(model, torch.device("cpu"))
     # Two batches launched before either is collected, as the worker does.
     first = encoder.launch(pixels, flip=True)
     second = encoder.launch(pixels[:2], flip=False)
@@ -40,8 +40,8 @@ def test_cuda_graph_replay_matches_eager_launches():
     model = AutoencoderKL.from_preset("tiny").prepare(device="cuda")
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(4, 64, 64, 3), (2, 64, 96, 3)] * 3]
-    eager = _DeviceEncoder(model, torch.device("cuda"), cuda_graphs=False)
-    graphs = _DeviceEncoder(model, torch.device("cuda"), cuda_graphs=True, lanes=2)
+    eager = DeviceEncoder(model, torch.device("cuda"), cuda_graphs=False)
+    graphs = DeviceEncoder(model, torch.device("cuda"), cuda_graphs=True, lanes=2)
     # Two batches in flight at a time, shapes, flips and lanes (concurrent shards) interleaved.
     pending = []
     for i, pixels in enumerate(batches):
@@ -52,7 +52,7 @@ def test_cuda_graph_replay_matches_eager_launches():
             _assert_same(want.get(), got.get(), f)
     for want, got, f in pending:
         _assert_same(want.get(), got.get(), f)
-    assert graphs._graphs and all(entry is not None for entry in graphs._graphs.values())
+    assert graphs.captures and all(graphs.captures.values())
 
 
 def _assert_same(want, got, flip):

@@ -1,4 +1,7 @@
-"""writer.py, commit.py, manifest.py: round trips, plain readers, crash safety, fingerprint guard."""
+"""writer.py with its formats, ledger, QA table and writer thread; commit.py, manifest.py.
+
+Round trips, plain readers, crash safety, redaction, fingerprint guard.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +11,19 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
-from test_format_common import make_manifest, make_rows, write_output
+from output_builders import make_manifest, make_rows, write_output
 
 from pipeline import commit as commit_mod
 from pipeline import storage, writer
 from pipeline.commit import ChannelStats, committed_names, is_committed, read_commit, scan_output
 from pipeline.dataset import iter_shard_rows
-from pipeline.layout import commit_url, errors_url, shard_url
+from pipeline.format_parquet import ParquetShardFormat
+from pipeline.format_wds import WdsShardFormat
+from pipeline.layout import commit_url, errors_url, qa_sample_url, shard_ext, shard_url
 from pipeline.manifest import ManifestMismatch, check_or_write_manifest, read_manifest
-from pipeline.writer import ErrorRow, QARow, ShardWriter, WriterError, from_storage, to_storage
+from pipeline.rows import ErrorRow, QARow, WriterError
+from pipeline.schema import from_storage
+from pipeline.writer import ShardWriter, WriterThread
 
 TOL = {"fp32": 0.0, "fp16": 1e-3, "bf16": 8e-3}
 
@@ -76,18 +82,6 @@ def test_roundtrip_aspect_buckets(tmp_path):
     assert str(schema.field("latent").type) == "list<element: halffloat>"
     assert "latent_shape" in schema.names
     assert read_commit(root, "00000").shapes == {"4x4x4": 2, "4x4x6": 3, "4x6x4": 2}
-
-
-def test_bf16_matches_torch_rounding():
-    x = np.concatenate([np.random.default_rng(0).standard_normal(10000).astype(np.float32) * 100,
-                        np.array([0.0, -0.0, np.inf, -np.inf, 3.4e38, 1e-40, np.nan], np.float32)])
-    bits = to_storage(x, "bf16")
-    ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    finite = ~np.isnan(x)
-    np.testing.assert_array_equal(bits[finite], ref[finite])
-    back = from_storage(bits, "bf16")
-    assert np.isnan(back[~finite]).all()
-    np.testing.assert_array_equal(back[finite], torch.from_numpy(ref.view(np.int16)).view(torch.bfloat16).float().numpy()[finite])
 
 
 def test_parquet_encodings_and_metadata(tmp_path):
@@ -157,23 +151,28 @@ def test_plain_readers(tmp_path):
         check_latent(item["latent"], first.latent.shape)
 
 
+def _killed_before_commit(monkeypatch, root, name, manifest, so=None, rows=5):
+    """Write shard `name` and die between its data upload and its commit record."""
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed between data and commit")
+
+    monkeypatch.setattr(writer, "write_commit", crash)
+    w = ShardWriter(root, name, "parquet", "fp32", so, manifest)
+    w.write(make_rows(name, rows))
+    with pytest.raises(KeyboardInterrupt):
+        w.commit()
+    monkeypatch.undo()
+
+
 def test_crash_between_data_and_commit_leaves_shard_uncommitted(tmp_path, monkeypatch):
     root = str(tmp_path / "out")
     manifest = make_manifest()
     check_or_write_manifest(root, manifest)
-
-    def crash(*a, **k):
-        raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(writer, "write_commit", crash)
-    w = ShardWriter(root, "s", "parquet", "fp32", None, manifest)
-    w.write(make_rows("s", 5))
-    with pytest.raises(KeyboardInterrupt):
-        w.commit()
+    _killed_before_commit(monkeypatch, root, "s", manifest)
     assert os.path.exists(shard_url(root, "s", "parquet"))  # data landed
     assert not is_committed(root, "s") and committed_names(root) == []
     assert scan_output(root).uncommitted == ["s"]
-    monkeypatch.undo()
     # The retry replaces the leftovers and commits.
     w = ShardWriter(root, "s", "parquet", "fp32", None, manifest)
     w.write(make_rows("s", 4))
@@ -185,16 +184,10 @@ def test_recommit_never_pairs_new_data_with_old_commit(tmp_path, monkeypatch):
     root = str(tmp_path / "out")
     manifest, _ = write_output(root, {"s": 5})
     assert is_committed(root, "s")
-    calls = []
-    real = storage.put_file
+    def crash_on_upload(*a, **k):
+        raise OSError("connection reset")
 
-    def crash_after_first_upload(*a, **k):
-        calls.append(a)
-        if len(calls) > 1:
-            raise OSError("connection reset")
-        return real(*a, **k)
-
-    monkeypatch.setattr(storage, "put_file", crash_after_first_upload)
+    monkeypatch.setattr(storage, "put_file", crash_on_upload)
     with ShardWriter(root, "s", "parquet", "fp32", None, manifest) as w:
         w.write(make_rows("s", 2))
         with pytest.raises(OSError):
@@ -275,19 +268,70 @@ def test_s3_crash_and_fingerprint_guard(s3_server, monkeypatch):
     so = s3_server.storage_options
     root = storage.join(s3_server.bucket("writer-test"), "crash")
     manifest, _ = write_output(root, {"ok": 3}, storage_options=so)
-
-    def crash(*a, **k):
-        raise RuntimeError("killed between data and commit")
-
-    monkeypatch.setattr(writer, "write_commit", crash)
-    w = ShardWriter(root, "bad", "parquet", "fp32", so, manifest)
-    w.write(make_rows("bad", 3))
-    with pytest.raises(RuntimeError):
-        w.commit()
-    monkeypatch.undo()
+    _killed_before_commit(monkeypatch, root, "bad", manifest, so, rows=3)
     assert storage.exists(shard_url(root, "bad", "parquet"), so)
     assert committed_names(root, so) == ["ok"] and not is_committed(root, "bad", so)
     other = make_manifest(dtype="bf16")
     with pytest.raises(ManifestMismatch, match="dtype"):
         check_or_write_manifest(root, other, so)
     assert commit_mod.read_commit(root, "ok", so).rows == 3
+
+
+def test_format_suffixes_follow_the_layout():
+    assert ParquetShardFormat.suffix == shard_ext("parquet") and WdsShardFormat.suffix == shard_ext("wds")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "wds"])
+def test_credentials_never_stored(tmp_path, fmt):
+    root = str(tmp_path / "out")
+    manifest = make_manifest(fmt, store="mean", flip=False)
+    rows = make_rows("c", 2, logvar=False, flip=False, source="https://u:pw@h/in/c.tar?X-Amz-Signature=SIG")
+    with ShardWriter(root, "c", fmt, "fp32", None, manifest) as w:
+        w.write(rows)
+        w.add_error(ErrorRow("c-bad", "s3://k:s@b/c.tar", "read", "OSError", "cannot open https://u:pw@h/x?token=T"))
+        w.add_qa_rows([QARow("c-00000", "s3://k:s@b/c.tar", np.zeros((8, 8, 3), np.uint8), rows[0].latent, "8x8")])
+        record = w.commit()
+    assert record.source == "https://***@h/in/c.tar?X-Amz-Signature=***"
+    assert rows[0].source.startswith("https://u:pw@")  # the caller's rows are left as they were
+    ledger = pq.read_table(errors_url(root, "c")).to_pylist()[0]
+    assert ledger["source"] == "s3://***@b/c.tar" and ledger["message"] == "cannot open https://***@h/x?token=***"
+    assert pq.read_table(qa_sample_url(root, "c")).column("source").to_pylist() == ["s3://***@b/c.tar"]
+    for path in (tmp_path / "out").rglob("*.*"):
+        assert b"pw@" not in path.read_bytes() and b"SIG" not in path.read_bytes(), path
+
+
+def test_writer_thread_writes_rows_and_errors_in_order(tmp_path):
+    manifest = make_manifest(store="mean", flip=False)
+    rows = make_rows("t", 5, logvar=False, flip=False)
+    clock = {"write_wait": 0.0}
+    with ShardWriter(str(tmp_path), "t", "parquet", "fp32", None, manifest) as w:
+        sink = WriterThread(w, clock, depth=1)
+        sink.put(("rows", rows[:3]))
+        sink.put(("error", ErrorRow("t-bad", "in/t.tar", "decode", "OSError", "bad")))
+        sink.put(("rows", rows[3:]))
+        sink.close()
+        assert sink.error is None and not sink.thread.is_alive()
+        record = w.commit()
+    assert record.rows == 5 and record.errors == 1 and clock["write_wait"] >= 0.0
+    got = [r["key"] for r in iter_shard_rows(str(tmp_path), record, None, fixed_shape=manifest.fixed_shape)]
+    assert got == [r.key for r in rows]
+
+
+def test_writer_thread_reraises_a_write_error_and_aborts(tmp_path):
+    manifest = make_manifest(store="mean", flip=False)
+    rows = make_rows("t", 2, logvar=False, flip=False)
+    clock = {"write_wait": 0.0}
+    with ShardWriter(str(tmp_path), "t", "parquet", "fp32", None, manifest) as w:
+        sink = WriterThread(w, clock)
+        sink.put(("rows", rows[:1]))
+        sink.put(("rows", rows[:1]))
+        with pytest.raises(WriterError, match="duplicate key 't-00000'"):
+            sink.close()
+        with pytest.raises(WriterError, match="duplicate key"):
+            sink.put(("rows", rows[1:]))
+    with ShardWriter(str(tmp_path), "u", "parquet", "fp32", None, manifest) as w:
+        sink = WriterThread(w, clock)
+        sink.put(("rows", rows))
+        sink.abort()
+        assert not sink.thread.is_alive()
+    assert not (tmp_path / "shards").exists()

@@ -21,14 +21,32 @@ from pipeline.config import ModelConfig
 from pipeline.models import load_model
 from pipeline.qa import metrics as qm
 from pipeline.qa.readback import PairedSample, StoredLatentReader
+from pipeline.schema import FP8, from_storage, to_storage
+from pipeline.text import TextStats
 
 #: Rounding tolerance (relative, absolute) of each storage dtype: twice the worst round-to-nearest
-#: error (fp16: 10 mantissa bits and subnormals down to 2^-24; bf16: 7 mantissa bits).
+#: error (fp16: 10 mantissa bits and subnormals down to 2^-24; bf16: 7 mantissa bits; fp8_e4m3:
+#: 3 mantissa bits, and subnormal steps of 2^-9 scales, a scale being at most the channel's
+#: largest |value| / 224: its atol is relative to that largest value, see `rounding_atol`).
 ROUNDING_TOLERANCE: dict[str, tuple[float, float]] = {
     "fp32": (1e-7, 1e-30),
     "fp16": (2.0**-10, 2.0**-24),
     "bf16": (2.0**-7, 1e-30),
+    FP8: (2.0**-3, 2.0**-16),
 }
+#: Stored dtypes whose PSNR cost is also shown against bf16 (the common 2-byte choice): QA decodes
+#: the fp32 latents rounded to bf16 too.
+BF16_REFERENCE = (FP8,)
+
+
+def rounding_atol(dtype: str, fp32: np.ndarray) -> np.ndarray | float:
+    """The absolute rounding tolerance of `dtype` for latent `fp32` [C, h, w]: a number, or for
+    fp8 one per channel ([C, 1, 1], times the channel's largest |value|)."""
+    atol = ROUNDING_TOLERANCE.get(dtype, ROUNDING_TOLERANCE["fp32"])[1]
+    if dtype != FP8:
+        return atol
+    finite = np.where(np.isfinite(fp32), np.abs(fp32.astype(np.float64)), 0.0)
+    return atol * finite.max(axis=(-2, -1), keepdims=True)
 
 
 @dataclass
@@ -43,6 +61,8 @@ class SampleScore:
     lpips: float | None = None
     psnr_fp32: float | None = None
     ssim_fp32: float | None = None
+    #: PSNR from the fp32 latent rounded to bf16 (only for dtypes in `BF16_REFERENCE`).
+    psnr_bf16: float | None = None
     decoded_psnr: float | None = None
     latent_psnr: float | None = None
     latent_max_rel_error: float | None = None
@@ -55,11 +75,13 @@ class SampleScore:
 
 @dataclass
 class ShardScores:
-    """What one shard's QA sample yields: scores, value histograms of its stored latents."""
+    """What one shard's QA sample yields: scores, value histograms of its stored latents, and the
+    statistics of its caption embeddings when the output stores them."""
 
     shard: str
     scores: list[SampleScore] = field(default_factory=list)
     histogram: np.ndarray | None = None  # [C, bins] counts
+    text_stats: TextStats | None = None
 
 
 @dataclass
@@ -160,14 +182,18 @@ class ReconstructionDecoder:
         return [out[i] for i in range(len(samples))]
 
     def _score_batch(self, batch: list[PairedSample]) -> list[SampleScore]:
-        rtol, atol = ROUNDING_TOLERANCE.get(self.storage_dtype, ROUNDING_TOLERANCE["fp32"])
+        rtol = ROUNDING_TOLERANCE.get(self.storage_dtype, ROUNDING_TOLERANCE["fp32"])[0]
         stored_imgs, stored_ok = self._decode([s.stored for s in batch])
         fp32_imgs, fp32_ok = self._decode([s.fp32 for s in batch])
+        bf16_imgs = bf16_ok = None
+        if self.storage_dtype in BF16_REFERENCE:
+            bf16_imgs, bf16_ok = self._decode([from_storage(to_storage(s.fp32, "bf16"), "bf16") for s in batch])
         scores = [SampleScore(s.key, s.shard, s.bucket) for s in batch]
         for sc, s in zip(scores, batch):
             assert s.stored is not None
             diff = np.abs(s.stored.astype(np.float64) - s.fp32.astype(np.float64))
             ref = np.abs(s.fp32.astype(np.float64))
+            atol = rounding_atol(self.storage_dtype, s.fp32)
             both_nonfinite = ~np.isfinite(s.stored) & ~np.isfinite(s.fp32) & ((s.stored == s.fp32) | np.isnan(s.fp32))
             ok = (diff <= rtol * ref + atol) | both_nonfinite
             sc.within_rounding = bool(ok.all())
@@ -192,6 +218,7 @@ class ReconstructionDecoder:
             psnr_s, ssim_s = qm.psnr(ref, st).cpu(), qm.ssim(ref, st).cpu()
             psnr_f, ssim_f = qm.psnr(ref, fp).cpu(), qm.ssim(ref, fp).cpu()
             dec = qm.psnr(fp, st).cpu()
+            bf = qm.psnr(ref, bf16_imgs[idx]).cpu() if bf16_imgs is not None else None
             lp = self._lpips(ref, st).cpu() if self.lpips is not None else None
             for j, i in enumerate(idx):
                 sc = scores[i]
@@ -204,6 +231,8 @@ class ReconstructionDecoder:
                     sc.psnr_fp32, sc.ssim_fp32 = _finite(float(psnr_f[j])), _finite(float(ssim_f[j]))
                 if bool(stored_ok[i]) and bool(fp32_ok[i]):
                     sc.decoded_psnr = _finite(float(dec[j]))
+                if bf is not None and bool(bf16_ok[i]):
+                    sc.psnr_bf16 = _finite(float(bf[j]))
         return scores
 
     # -- per shard (what the actor is asked) ------------------------------------------------------
@@ -217,6 +246,9 @@ class ReconstructionDecoder:
 
             stored = [p.stored for p in pairs if p.stored is not None and p.stored.shape[0] == len(self.histogram_ranges)]
             result.histogram = channel_histograms(stored, self.histogram_ranges, self.histogram_bins)
+        texts = [p.text for p in pairs if p.text is not None]
+        if texts:
+            result.text_stats = TextStats(self.reader.text_layout).update_all(texts)
         return result
 
     def reconstruct(self, shard: str, keys: Sequence[str]) -> list[Reconstruction]:

@@ -2,7 +2,8 @@
 
 The stored latents are read with `pipeline.LatentDataset`, exactly as training reads them, so a
 bug anywhere on the training read path (dtype decoding, shape handling, key order) shows up as a
-bad reconstruction or a readback mismatch here instead of in a training run.
+bad reconstruction or a readback mismatch here instead of in a training run. The same items carry
+the samples' caption embeddings when the output stores them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.layout import qa_sample_url
 from pipeline.qa.errors import QAError
+from pipeline.text import TextLayout
 
 
 @dataclass
@@ -41,6 +43,8 @@ class PairedSample:
     pixels: np.ndarray
     fp32: np.ndarray
     stored: np.ndarray | None
+    #: Its text values as training reads them (`pipeline.text` column names), when the output stores them.
+    text: dict[str, Any] | None = None
 
 
 def _read_table(root: str, shard: str, storage_options: Mapping[str, Any] | None, columns: list[str] | None):
@@ -94,34 +98,53 @@ class StoredLatentReader:
         self.storage_options = dict(storage_options or {})
         self._dataset = None
 
-    def _for_shard(self, shard: str):
+    def _for_shard(self, shard: str | None):
+        """The dataset narrowed to `shard` (None: just make sure the dataset is open)."""
         from pipeline.dataset import LatentDataset
 
         if self._dataset is None:
             self._dataset = LatentDataset(self.root, storage_options=self.storage_options, rank=0, world_size=1,
                                           shuffle=False, scale=False, sample=False, flip=False)
+        if shard is None:
+            return self._dataset
         if shard not in self._dataset.records:
             raise QAError(f"shard {shard!r} is not committed in {storage.redact(self.root)}")
         view = copy.copy(self._dataset)
         view.records = {shard: self._dataset.records[shard]}
         return view
 
-    def read(self, shard: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        """Raw stored latents (float32 [C,h,w]) of `keys` in `shard`; missing keys are absent."""
+    @property
+    def text_layout(self) -> TextLayout:
+        """The output's text columns (empty when it stores no caption embeddings)."""
+        return TextLayout.from_manifest(self._for_shard(None).manifest.text)
+
+    def _items(self, shard: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The dataset items of `keys` in `shard`, by key; missing keys are absent."""
         wanted = set(keys)
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, dict[str, Any]] = {}
         if not wanted:
             return out
         view = self._for_shard(shard)
         view.keys = frozenset(wanted)  # row groups without any of them are not read
         for item in view:
-            out[item["key"]] = item["latent"].numpy()
+            out[item["key"]] = item
             if len(out) == len(wanted):
                 break  # the rest of the shard is not needed
         return out
 
+    def read(self, shard: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """Raw stored latents (float32 [C,h,w]) of `keys` in `shard`; missing keys are absent."""
+        return {k: item["latent"].numpy() for k, item in self._items(shard, keys).items()}
+
     def pairs(self, shard: str, keys: Sequence[str]) -> list[PairedSample]:
-        """QA samples `keys` of `shard`, each with its stored latent (None when not found)."""
+        """QA samples `keys` of `shard`, each with its stored latent (None when not found) and text values."""
         side = read_side_rows(self.root, shard, keys, self.storage_options)
-        stored = self.read(shard, [s.key for s in side])
-        return [PairedSample(s.key, s.shard, s.bucket, s.pixels, s.latent, stored.get(s.key)) for s in side]
+        items = self._items(shard, [s.key for s in side])
+        names = self.text_layout.names
+        out = []
+        for s in side:
+            item = items.get(s.key)
+            text = {n: item[n].numpy() for n in names if n in item} if item is not None and names else None
+            out.append(PairedSample(s.key, s.shard, s.bucket, s.pixels, s.latent,
+                                    item["latent"].numpy() if item is not None else None, text or None))
+        return out

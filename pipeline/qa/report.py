@@ -156,6 +156,10 @@ def _counts(p: _Page) -> str:
               "fail" if c["shards_failed_count"] else ""),
         p.row([p.text("images with latents"), p.val("counts", "images")]),
         p.row([p.text("images rejected (ledgers)"), p.val("counts", "errors")]),
+        p.row([p.text("rejected as non-finite (NaN/Inf, ledgers)"), p.val("counts", "finite", "non_finite")]),
+        p.row([p.text("last encode run: NaN/Inf in fp16/bf16, encoded again in fp32"),
+               p.val("counts", "finite", "fp32_retries")]),
+        p.row([p.text("last encode run: finite in fp32 and stored"), p.val("counts", "finite", "fp32_recovered")]),
         p.row([p.text("QA side-table rows"), p.val("counts", "qa_side_rows")]),
         p.row([p.text("QA samples scored"), p.val("counts", "qa_scored")]),
         p.row([p.text("QA samples with problems"), p.val("counts", "qa_problem_count")],
@@ -240,10 +244,14 @@ def _storage(p: _Page) -> str:
            f'rounding (relative {format_number(s["rtol"])}).</p>')
     rows = []
     for key, label in (("psnr_fp32", "PSNR from fp32 latents (dB)"),
+                       ("psnr_bf16", "PSNR from the fp32 latents rounded to bf16 (dB)"),
                        ("psnr_stored", "PSNR from stored latents (dB)"),
                        ("psnr_lost_db", "PSNR lost to storage (dB)"),
+                       ("psnr_lost_vs_bf16_db", "PSNR lost against bf16 storage (dB)"),
                        ("decoded_psnr", "decoded stored vs decoded fp32 (dB)"),
                        ("latent_psnr", "stored vs fp32 latents (dB, peak = latent range)")):
+        if s.get(key) is None:
+            continue  # the bf16 rows: only for dtypes smaller than bf16 (fp8)
         rows.append(p.row([p.text(label)] + [p.val("storage", key, col) for col in SUMMARY_COLUMNS]))
     out += p.table(["quantity", *SUMMARY_COLUMNS], rows)
     rows = [
@@ -326,6 +334,26 @@ def _statistics(p: _Page) -> str:
     return out
 
 
+def _text_statistics(p: _Page) -> str:
+    st = p.m.get("text_stats")
+    if st is None:
+        return ""
+    out = "<h2>Caption embeddings</h2>"
+    out += ('<p class="note">Over the QA sample, read back through LatentDataset as training reads them; '
+            'stored values.</p>')
+    cols = ("rows", "count", "mean", "std", "min", "max", "nan", "inf")
+    rows = [p.row([p.text(name)] + [p.val("text_stats", "columns", name, c) for c in cols],
+                  "fail" if c["nan"] or c["inf"] else "")
+            for name, c in st["columns"].items()]
+    out += p.table(["column", "rows", "values", "mean", "std", "min", "max", "NaN", "Inf"], rows)
+    tcols = ("rows", "mean", "min", "max", "max_length", "at_max_length")
+    trows = [p.row([p.text(name)] + [p.val("text_stats", "tokens", name, c) for c in tcols])
+             for name in st["tokens"]]
+    out += "<h3>Tokens per caption</h3>" + p.table(
+        ["encoder", "rows", "mean", "min", "max", "max_length", "at max_length (possibly truncated)"], trows)
+    return out
+
+
 def render_report(metrics: dict, figures: ReportFigures) -> str:
     """The report page for a metrics document and its figures."""
     p = _Page(metrics)
@@ -343,5 +371,5 @@ def render_report(metrics: dict, figures: ReportFigures) -> str:
         storage=_storage(p),
         samples=_samples(p, figures),
         histograms=_histograms(p, figures),
-        statistics=_statistics(p),
+        statistics=_statistics(p) + _text_statistics(p),
     )

@@ -7,7 +7,7 @@ small read per shard, not a pass over the latents.
 The recommended factors follow the convention of `AutoencoderKL.scale_latents`,
 `(z - shift) * scale`, which should leave the latents a diffusion model trains on with mean 0
 and standard deviation 1: recommended shift = mean, recommended scale = 1 / std, both pooled over
-all channels (the way the published factors of SD, SDXL, SD3 and FLUX are defined). With the
+all channels (`ChannelStats.recommended_factors`, which `inspect` prints too). With the
 configured factors, the scaled latents have
 
     scaled_std  = std * scale
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.commit import ChannelStats, CommitRecord
+from pipeline.commit import ChannelStats, CommitRecord, pooled_stats
 
 #: Channel histograms span mean +- this many standard deviations (clipped to the exact min/max).
 HISTOGRAM_SPAN_STD = 4.0
@@ -46,14 +46,7 @@ class LatentStatistics:
     @classmethod
     def from_commits(cls, records: Iterable[CommitRecord]) -> LatentStatistics | None:
         """Merge the statistics of all commit records; None when no record holds any."""
-        total: ChannelStats | None = None
-        shards = 0
-        for record in records:
-            stats = record.channel_stats()
-            if stats is None:
-                continue
-            shards += 1
-            total = stats if total is None else total.merge(stats)
+        total, shards = pooled_stats(records)
         return None if total is None else cls(total, shards)
 
     @property
@@ -82,6 +75,7 @@ class LatentStatistics:
         """The statistics block of metrics.json (see the module docstring for the definitions)."""
         s = self.stats
         mean, std = self.overall()
+        recommended_scale, recommended_shift = s.recommended_factors()
         channels = []
         for c in range(s.channels):
             cstd = float(s.std[c])
@@ -111,8 +105,8 @@ class LatentStatistics:
                 "nan": int(s.nan.sum()),
                 "inf": int(s.inf.sum()),
             },
-            "recommended_scaling_factor": 1.0 / std if std > 0 else None,
-            "recommended_shift_factor": mean,
+            "recommended_scaling_factor": recommended_scale,
+            "recommended_shift_factor": recommended_shift,
             "configured_scaling_factor": float(scaling_factor),
             "configured_shift_factor": float(shift_factor),
             "scaled_mean": (mean - shift_factor) * scaling_factor,

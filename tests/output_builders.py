@@ -7,7 +7,8 @@ import json
 import numpy as np
 
 from pipeline.manifest import Manifest, check_or_write_manifest
-from pipeline.writer import ErrorRow, LatentRow, ShardWriter
+from pipeline.rows import ErrorRow, LatentRow
+from pipeline.writer import ShardWriter
 
 FINGERPRINT = {"preset": "tiny", "config": {"z_channels": 4}, "weights_sha256": "ab" * 32}
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pipeline.batching import auto_batch_size, batch_warning, bytes_per_image, memory_budget
+from pipeline.batch_size import auto_batch_size, batch_warning, bytes_per_image, memory_budget
 from pipeline.config import config_from_dict
 
 
