@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -322,6 +323,7 @@ def main(argv=None) -> int:
         if server is not None:
             server.terminate()
             server.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
 
     n = args.shards * args.per_shard
     rows = []

@@ -67,6 +67,7 @@ from .commit import CommitRecord, ShardScan
 from .index import READER_COLUMNS, load_index
 from .manifest import Manifest, read_manifest
 from .schema import (
+    CHECKSUM_SUFFIX,
     FP8,
     LATENT_COLUMNS,
     SIZE_COLUMNS,
@@ -92,7 +93,6 @@ __all__ = [
 
 #: The per-sample checksum member of a tar shard: JSON `{member suffix: crc32 as 8 hex digits}`
 #: for every other member of the sample (`{"json": ..., "latent.npy": ..., "txt": ...}`).
-CHECKSUM_SUFFIX = ".crc32"
 _TAR_SUFFIXES = (tuple(f".{c}.npy" for c in LATENT_COLUMNS) + tuple(f".{scale_column(c)}.npy" for c in LATENT_COLUMNS)
                  + (".json", ".txt", CHECKSUM_SUFFIX, TEXT_MEMBER_SUFFIX))
 _STATE_VERSION = 1

@@ -36,6 +36,7 @@ from .commit import CommitRecord
 from .config import ConfigError, JobConfig
 from .index import ShardIndex, WrittenCommits, refresh_index
 from .jsonutil import utc_now
+from .layout import index_url
 from .lease import Lease, LeaseHeld
 from .manifest import (
     Manifest,
@@ -47,7 +48,7 @@ from .manifest import (
     read_manifest,
 )
 from .plan import Plan, ShardTask, committed_index, expand_urls, make_plan
-from .preflight import check_job
+from .preflight import check_inputs, check_job
 from .progress import Progress, ProgressState
 from .scheduler import Scheduler
 from .summary import EncodeSummary, FailedShard, write_summary
@@ -252,6 +253,7 @@ class _EncodeRun:
         self.index: ShardIndex | None = None
         self.written = WrittenCommits()
         self.wrote_nothing = False
+        self.inputs_checked = False
 
     def run(self) -> EncodeSummary:
         start = time.monotonic()
@@ -271,6 +273,7 @@ class _EncodeRun:
         # whose commit was deleted by hand is redone.
         self.index = committed_index(self.root, self.so, lease=None)
         pre_plan = make_plan(urls, self.root, in_so, self.so, index=self.index, qa_samples=self.config.qa.samples)
+        self._check_todo_inputs(pre_plan)
         if not pre_plan.todo and not out.overwrite:
             # Decided before Ray starts or a model loads: a rerun with nothing to do takes seconds.
             self._nothing_to_do(pre_plan)
@@ -302,6 +305,14 @@ class _EncodeRun:
             if self.pool is not None:
                 self.pool.kill()
         return self.account.finish(time.monotonic() - start)
+
+    def _check_todo_inputs(self, plan: Plan) -> None:
+        if self.inputs_checked:
+            return
+        # A refused input leaves OUTPUT as it was: the index is not rewritten on the way out.
+        self.wrote_nothing = True
+        check_inputs([t.url for t in plan.todo], self.config.input.storage_options)
+        self.wrote_nothing = False
 
     def _nothing_to_do(self, plan: Plan) -> None:
         self._check_config_against_manifest()
@@ -343,7 +354,10 @@ class _EncodeRun:
     def _precheck(self) -> list[str]:
         urls = expand_urls(self.config.input.urls, self.config.input.storage_options)
         # Missing inputs, an OUTPUT that cannot be written, unusable weights: one line, nothing written.
-        check_job(self.config)
+        # A fresh OUTPUT has its inputs checked here, before the lease is written; one with an index
+        # only those still to do, once planned (`_check_todo_inputs`).
+        self.inputs_checked = not storage.exists(index_url(self.root), self.so)
+        check_job(self.config, inputs=self.inputs_checked)
         m = self.config.model
         if m.preset and not m.weights:
             check_sizes(self.config, int(get_preset(m.preset).downsample_factor))

@@ -45,6 +45,8 @@ class ParquetShardFormat:
                 self.path,
                 self.schema,
                 compression="zstd",
+                # Readers verify every page (`LatentDataset`): a flipped byte is an error, not a latent.
+                write_page_checksum=True,
                 # Dictionary encoding only pays off for the repeated source URL.
                 use_dictionary=["source"],
                 # BYTE_STREAM_SPLIT groups the bytes of each float (zstd then finds the redundancy
@@ -93,7 +95,7 @@ class ParquetShardFormat:
     def finish(self) -> None:
         """Close the file; a shard without rows (every sample failed) still gets the full schema."""
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self.path, self.schema, compression="zstd", write_page_checksum=True)
         self.close()
 
     def close(self) -> None:

@@ -17,12 +17,13 @@ import io
 import json
 import re
 import tarfile
+import zlib
 
 import numpy as np
 
 from .manifest import Manifest
 from .rows import LatentRow
-from .schema import ShardColumns
+from .schema import CHECKSUM_SUFFIX, ShardColumns
 from .text import TEXT_MEMBER_SUFFIX
 
 __all__ = ["WdsShardFormat", "member_key"]
@@ -100,6 +101,9 @@ class WdsShardFormat:
                 members.append((f"{name}.txt", r.caption.encode()))
             if text:
                 members.append((f"{name}{TEXT_MEMBER_SUFFIX}", text.npz_member(r.text)))
+            # Per-sample check, as Parquet's page checksums: crc32 of every other member.
+            sums = {member[len(name) + 1:]: f"{zlib.crc32(data):08x}" for member, data in members}
+            members.append((f"{name}{CHECKSUM_SUFFIX}", json.dumps(sums, sort_keys=True).encode()))
             for member, data in members:
                 info = tarfile.TarInfo(member)
                 info.size = len(data)

@@ -1,7 +1,9 @@
 """What a job needs, checked before any work starts and before anything is written.
 
 The encode driver runs `check_job` first: before it takes OUTPUT's lease, starts Ray or loads a
-model. A mistake there then costs one line and exit code 2, instead of a Ray start, workers
+model. Into an OUTPUT that already has an index it checks only the inputs still to do, after
+planning (a refused input then leaves OUTPUT as it was), so a rerun over 10^5 committed shards
+does not list their folders again. A mistake there then costs one line and exit code 2, instead of a Ray start, workers
 failing one by one and a summary.json in an OUTPUT that holds nothing else.
 
 * Inputs (`check_inputs`): every input shard named by a plain URL or a brace pattern must exist
@@ -46,10 +48,12 @@ class OutputError(PlanError):
     """OUTPUT cannot be written; the message names the path and why."""
 
 
-def check_job(config: JobConfig) -> None:
+def check_job(config: JobConfig, *, inputs: bool = True) -> None:
     """Run every check of this module on `config` (raises `InputError`, `OutputError` or
-    `ConfigError` naming `model.weights`)."""
-    check_inputs(config.input.urls, config.input.storage_options)
+    `ConfigError` naming `model.weights`); `inputs=False` leaves the inputs to the caller (the
+    driver checks only those it still has to read, once it has planned)."""
+    if inputs:
+        check_inputs(config.input.urls, config.input.storage_options)
     check_output(config.output.path, config.output.storage_options)
     check_weights(config.model)
 

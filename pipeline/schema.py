@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from .text import TextLayout
 
 __all__ = [
+    "CHECKSUM_SUFFIX",
     "SCHEMA_METADATA_KEY",
     "LATENT_COLUMNS",
     "SIZE_COLUMNS",
@@ -300,3 +301,9 @@ def qa_schema() -> pa.Schema:
             pa.field("latent_shape", pa.list_(pa.int32(), 3)),
         ]
     )
+
+
+#: Tensor shards: the member of each sample that lists the crc32 of its other members
+#: (`KEY.crc32`, JSON {"latent.npy": "1a2b3c4d", ...}), checked by `LatentDataset` as Parquet's
+#: page checksums are.
+CHECKSUM_SUFFIX = ".crc32"

@@ -417,7 +417,8 @@ class _ShardJob:
                 )
                 row.logvar_flip = flip_logvar[i] if keep_logvar else None
             rows.append(row)
-            self.qa.offer(sample.key, lambda s=sample, p=pre, m=latent: QARow(
+            # QA compares what was stored (a draw for `store: sample`) with its unrounded value.
+            self.qa.offer(sample.key, lambda s=sample, p=pre, m=row.latent: QARow(
                 key=s.key, source=self.url, pixels=p.pixels, latent=m.copy(), bucket=p.bucket))
         return rows
 

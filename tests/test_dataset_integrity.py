@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import tarfile
 import warnings
-import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -36,9 +34,9 @@ def _recommit(root: str, name: str) -> None:
     write_commit(root, record)
 
 
-def _with_checksums(root: str) -> None:
-    """Rewrite every shard as the writer does with checksums on: Parquet pages with CRCs (same
-    options and row groups), tar samples with a checksum member; commits updated."""
+def _without_checksums(root: str) -> None:
+    """Rewrite every shard as outputs written before checksums were: Parquet pages without CRCs
+    (same options and row groups), tar samples without their checksum member; commits updated."""
     for name in ROWS:
         record = read_commit(root, name)
         path = os.path.join(root, record.shard_file)
@@ -49,26 +47,41 @@ def _with_checksums(root: str) -> None:
             with pq.ParquetWriter(path + ".new", pf.schema_arrow, compression="zstd", use_dictionary=["source"],
                                   use_byte_stream_split=[f"{c}.list.element" for c in latent_cols],
                                   write_statistics=["key", "source", "index"], store_schema=True,
-                                  write_page_checksum=True) as w:
+                                  write_page_checksum=False) as w:
                 for table in groups:
                     w.write_table(table, row_group_size=table.num_rows)
         else:
             with tarfile.open(path) as src, tarfile.open(path + ".new", "w", format=tarfile.USTAR_FORMAT) as dst:
-                samples: dict[str, list[tuple[tarfile.TarInfo, bytes]]] = {}
                 for info in src.getmembers():
-                    key = info.name.split(".", 1)[0]
-                    samples.setdefault(key, []).append((info, src.extractfile(info).read()))
-                for key, members in samples.items():
-                    sums = {}
-                    for info, data in members:
-                        dst.addfile(info, io.BytesIO(data))
-                        sums[info.name[len(key) + 1:]] = f"{zlib.crc32(data):08x}"
-                    blob = json.dumps(sums, sort_keys=True).encode()
-                    info = tarfile.TarInfo(key + CHECKSUM_SUFFIX)
-                    info.size, info.mtime, info.mode = len(blob), 0, 0o644
-                    dst.addfile(info, io.BytesIO(blob))
+                    if not info.name.endswith(CHECKSUM_SUFFIX):
+                        dst.addfile(info, io.BytesIO(src.extractfile(info).read()))
         os.replace(path + ".new", path)
         _recommit(root, name)
+
+
+def _has_checksums(root: str, name: str) -> bool:
+    """Whether shard `name` carries checksums: a crc32 member per tar sample, or Parquet pages whose
+    damage the page-checksum check alone catches (pyarrow does not expose the CRC field)."""
+    record = read_commit(root, name)
+    path = os.path.join(root, record.shard_file)
+    if record.format == "wds":
+        with tarfile.open(path) as tar:
+            return any(m.name.endswith(CHECKSUM_SUFFIX) for m in tar.getmembers())
+    col = pq.ParquetFile(path).metadata.row_group(0).column(3)
+    clean = open(path, "rb").read()
+    for pos in range(col.data_page_offset + col.total_compressed_size - 1, col.data_page_offset, -7):
+        data = bytearray(clean)
+        data[pos] ^= 0x10
+        try:  # a flip that an unverified read does not notice...
+            pq.ParquetFile(pa.BufferReader(bytes(data))).read()
+        except (OSError, ValueError):
+            continue
+        try:  # ... is caught by the page checksums, when the file has them
+            pq.ParquetFile(pa.BufferReader(bytes(data)), page_checksum_verification=True).read()
+        except OSError:
+            return True
+        return False
+    raise AssertionError(f"no byte of {path} can be flipped unnoticed")
 
 
 def _read_all(root: str, **kw) -> dict[str, np.ndarray]:
@@ -90,10 +103,19 @@ def _fields(x: dict) -> tuple:
 def checked(request, tmp_path):
     root = str(tmp_path / request.param)
     write_output(root, ROWS, manifest=make_manifest(request.param, "bf16"), row_group_rows=3)
-    reference = _read_all(root)  # written without checksums: still readable
-    _with_checksums(root)
-    assert _read_all(root).keys() == reference.keys()
+    assert all(_has_checksums(root, name) for name in ROWS)  # the writer adds them
+    reference = _read_all(root)
     return request.param, root, reference
+
+
+def test_outputs_written_before_checksums_stay_readable(checked):
+    fmt, root, reference = checked
+    _without_checksums(root)
+    assert not any(_has_checksums(root, name) for name in ROWS)
+    got = _read_all(root)
+    assert got.keys() == reference.keys()
+    for key, latent in got.items():
+        np.testing.assert_array_equal(latent, reference[key])
 
 
 def _flip(path: str, pos: int) -> None:
@@ -183,6 +205,7 @@ def test_verify_checks_sha256_of_old_outputs(tmp_path):
     """Without page checksums (outputs written before them) verify=True still catches damage."""
     root = str(tmp_path / "old")
     write_output(root, ROWS, manifest=make_manifest("parquet", "fp32"), row_group_rows=3)
+    _without_checksums(root)
     path, pos = _latent_offset(root, "a", "parquet")
     _flip(path, pos)  # the commit keeps the original sha256
     with pytest.raises(ShardError, match=r"shard 'a': sha256 .* differs from its commit"):

@@ -38,6 +38,7 @@ SHARDS, PER_SHARD = 8, 12
 # end of input (or when this test's process dies, which closes its stdin).
 _CLUSTER = """
 import sys
+import ray._common.utils
 from ray.cluster_utils import Cluster
 
 temp_dir, port = sys.argv[1], int(sys.argv[2])
@@ -46,6 +47,9 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "gcs_serv
 try:
     workers = [cluster.add_node(num_cpus=1, temp_dir=temp_dir) for _ in range(2)]
     cluster.wait_for_nodes()
+    # Cluster records itself as this machine's current cluster, which a plain ray.init() anywhere on
+    # it would join; the job here gets RAY_ADDRESS instead.
+    ray._common.utils.reset_ray_address()
     print(cluster.address, flush=True)
     for line in sys.stdin:
         if line.strip() == "kill":

@@ -92,6 +92,18 @@ def test_growing_reordering_and_shrinking_inputs_never_duplicate(ray_local, samp
         assert (again.exit_code, again.shards_committed, again.shards_skipped) == (0, 0, len(urls))
     assert _keys(out) == keys and (a_file.read_bytes(), a_file.stat().st_mtime_ns) == a_state
 
+    # Inputs already committed are not checked again (their folders are not listed); a new input
+    # that does not exist is refused before anything is written, leaving the index as it was.
+    from pipeline.preflight import InputError
+
+    index = (out / layout.INDEX).read_bytes()
+    a.unlink()
+    assert driver.run_encode(_config(tiny_weights, [str(a), str(b)], out)).exit_code == 0
+    missing = tmp_path / "C" / "00000.tar"
+    with pytest.raises(InputError, match="1 input shard.s. do not exist: .*C/00000.tar"):
+        driver.run_encode(_config(tiny_weights, [str(a), str(b), str(missing)], out))
+    assert (out / layout.INDEX).read_bytes() == index
+
 
 def test_requests_per_shard_and_per_rerun_on_s3(ray_local, counting_s3, sample_shards, tiny_weights):
     from pipeline import driver

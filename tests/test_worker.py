@@ -121,6 +121,20 @@ def test_store_modes_flip_and_determinism(sample_shards, tmp_path, tiny_model):
     assert [r["latent"] for r in r1] == [r["latent"] for r in r2]
 
 
+def test_qa_table_holds_the_stored_draw_for_store_sample(sample_shards, tmp_path, tiny_model):
+    # QA compares the stored latent with its unrounded value: for `store: sample` that is the draw,
+    # not the posterior mean (comparing with the mean failed every sample's readback check).
+    url, out = str(sample_shards[0]), tmp_path / "out"
+    cfg = _config(url, out, output={"store": "sample"}, qa={"samples": 4})
+    EncodeWorker(cfg, device="cpu", model=tiny_model).process_shard(url, "s", num_shards=1)
+    stored = {r["key"]: np.asarray(r["latent"], np.float32) for r in _rows(out, "s")}
+    qa = pq.read_table(f"{out}/qa/samples/s.parquet").to_pylist()
+    assert qa
+    for q in qa:
+        latent = np.asarray(q["latent"], np.float32)
+        np.testing.assert_array_equal(latent, stored[q["key"]])
+
+
 def test_bad_samples_go_to_the_ledger(tmp_path, tiny_model):
     photos = sample_photos(count=2)
     good = _jpeg(photos[0][1].resize((96, 80)))

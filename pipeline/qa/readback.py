@@ -30,7 +30,7 @@ class SideRow:
     shard: str
     bucket: str
     pixels: np.ndarray  # uint8 [H, W, 3], exactly as encoded
-    latent: np.ndarray  # float32 [C, h, w], posterior mean before storage rounding
+    latent: np.ndarray  # float32 [C, h, w], the stored latent (mean, or draw for `store: sample`) before storage rounding
 
 
 @dataclass
