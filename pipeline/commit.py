@@ -25,6 +25,7 @@ __all__ = [
     "CommitRecord",
     "ShardScan",
     "read_commit",
+    "read_commits",
     "write_commit",
     "committed_names",
     "committed_records",
@@ -224,6 +225,25 @@ def read_commit(
     return CommitRecord.from_json(text, name)
 
 
+def read_commits(
+    root: str, names: list[str], storage_options: Mapping[str, Any] | None = None
+) -> tuple[dict[str, CommitRecord], dict[str, str]]:
+    """The commit records of shards `names`, read concurrently: (records by name, name -> why its
+    record does not parse). A commit removed since it was listed is in neither."""
+    blobs = storage.read_many([commit_url(root, n) for n in names], storage_options)
+    records: dict[str, CommitRecord] = {}
+    broken: dict[str, str] = {}
+    for name in names:
+        blob = blobs.get(commit_url(root, name))
+        if blob is None:
+            continue  # removed between listing and reading
+        try:
+            records[name] = CommitRecord.from_json(blob, name)
+        except CommitError as e:
+            broken[name] = str(e)
+    return records, broken
+
+
 def _file_problems(
     root: str, record: CommitRecord, storage_options, listings: dict[str, dict[str, int]]
 ) -> list[str]:
@@ -278,19 +298,10 @@ def scan_output(
     """
     broken: dict[str, str] = dict(unreadable or {})
     if records is None:
-        records = {}
         commits_dir = storage.join(root, COMMITS_DIR)
         names = sorted(n[: -len(".json")] for n in storage.list_files(commits_dir, storage_options) if n.endswith(".json"))
-        urls = [commit_url(root, n) for n in names]
-        blobs = storage.read_many(urls, storage_options)
-        for name, url in zip(names, urls):
-            blob = blobs.get(url)
-            if blob is None:
-                continue  # removed between listing and reading
-            try:
-                records[name] = CommitRecord.from_json(blob, name)
-            except CommitError as e:
-                broken[name] = str(e)
+        records, unparsed = read_commits(root, names, storage_options)
+        broken.update(unparsed)
     listings: dict[str, dict[str, int]] = {}
     committed: dict[str, CommitRecord] = {}
     for name, record in records.items():

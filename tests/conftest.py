@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -18,10 +19,27 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (loopback unless a test needs the host's own address)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def test_credentials():
+    """AWS credentials of the test S3 servers in this process's environment, restored afterwards."""
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @dataclass
@@ -55,7 +73,7 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -75,16 +93,10 @@ def s3_server():
                 raise RuntimeError("the S3 test server did not start") from None
             time.sleep(0.2)
     server = S3Server(endpoint_url=url, process=proc)
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     try:
-        yield server
+        with test_credentials():
+            yield server
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         proc.terminate()
         try:
             proc.wait(timeout=10)
@@ -129,16 +141,10 @@ def counting_s3():
     httpd = make_server("127.0.0.1", 0, counted, threaded=True, request_handler=MotoRequestHandler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     try:
-        yield CountingS3Server(endpoint_url=f"http://127.0.0.1:{httpd.server_port}", process=None, requests=served)
+        with test_credentials():
+            yield CountingS3Server(endpoint_url=f"http://127.0.0.1:{httpd.server_port}", process=None, requests=served)
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         httpd.shutdown()
         thread.join()
 
@@ -194,6 +200,25 @@ def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path
                 info.mtime = 0
                 tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def write_photo_shards(folder: Path, shards: int, per_shard: int, *, photos: int, size: tuple[int, int],
+                       step: int = 8) -> list[str]:
+    """`shards` tars `00000.tar`... of `per_shard` JPEGs each (keys SSSIII), the bundled photos in
+    turn, sample i resized to (width + step * i, height); returns every key written."""
+    images = [p.convert("RGB") for _, p in sample_photos(count=photos)]
+    keys = []
+    for s in range(shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                buf = io.BytesIO()
+                images[(s + i) % len(images)].resize((size[0] + step * i, size[1])).save(buf, "JPEG")
+                key = f"{s:03d}{i:03d}"
+                keys.append(key)
+                info = tarfile.TarInfo(f"{key}.jpg")
+                info.size = len(buf.getvalue())
+                tar.addfile(info, io.BytesIO(buf.getvalue()))
+    return keys
 
 
 @pytest.fixture

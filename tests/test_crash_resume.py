@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import sample_photos
+from conftest import write_photo_shards
 
 from pipeline import cli
 
@@ -36,19 +34,7 @@ SHARDS, PER_SHARD = 6, 6
 
 
 def _write_shards(folder: Path) -> list[str]:
-    photos = [p.convert("RGB") for _, p in sample_photos(count=3)]
-    keys = []
-    for s in range(SHARDS):
-        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
-            for i in range(PER_SHARD):
-                buf = io.BytesIO()
-                photos[(s + i) % len(photos)].resize((64 + 8 * i, 72)).save(buf, "JPEG")
-                key = f"{s:03d}{i:03d}"
-                keys.append(key)
-                info = tarfile.TarInfo(f"{key}.jpg")
-                info.size = len(buf.getvalue())
-                tar.addfile(info, io.BytesIO(buf.getvalue()))
-    return keys
+    return write_photo_shards(folder, SHARDS, PER_SHARD, photos=3, size=(64, 72))
 
 
 def _commits(out: Path) -> list[Path]:

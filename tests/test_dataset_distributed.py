@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from output_builders import make_manifest, write_output
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,12 +51,6 @@ json.dump(log, open(f"{out}/rank{rank}.json", "w"))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def uneven(tmp_path_factory):
     base = tmp_path_factory.mktemp("uneven")
@@ -71,7 +65,7 @@ def uneven(tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_gloo_ranks_finish_with_equal_steps(uneven, tmp_path, world):
     root, buckets, keys = uneven
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
                PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, root, buckets, str(tmp_path)],

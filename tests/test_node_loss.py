@@ -11,22 +11,19 @@ and is encoded by the worker left.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import sample_photos
+from conftest import free_port, write_photo_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,12 +57,6 @@ finally:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def cluster_env():
     """(cluster address, environment with its token, helper process)."""
@@ -73,7 +64,7 @@ def cluster_env():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0",
                PYTHONPATH=str(ROOT))
-    helper = subprocess.Popen([sys.executable, "-c", _CLUSTER, temp_dir, str(_free_port())], env=env, cwd=ROOT,
+    helper = subprocess.Popen([sys.executable, "-c", _CLUSTER, temp_dir, str(free_port(""))], env=env, cwd=ROOT,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         address = helper.stdout.readline().strip()
@@ -90,19 +81,7 @@ def cluster_env():
 
 
 def _write_shards(folder: Path) -> list[str]:
-    photos = [p.convert("RGB") for _, p in sample_photos(count=4)]
-    keys = []
-    for s in range(SHARDS):
-        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
-            for i in range(PER_SHARD):
-                buf = io.BytesIO()
-                photos[(s + i) % len(photos)].resize((128 + 8 * i, 128)).save(buf, "JPEG")
-                key = f"{s:03d}{i:03d}"
-                keys.append(key)
-                info = tarfile.TarInfo(f"{key}.jpg")
-                info.size = len(buf.getvalue())
-                tar.addfile(info, io.BytesIO(buf.getvalue()))
-    return keys
+    return write_photo_shards(folder, SHARDS, PER_SHARD, photos=4, size=(128, 128))
 
 
 def _commits(out: Path) -> int:
