@@ -25,7 +25,12 @@ BENCHES = [
     ["benchmarks.bench_memory", "--preset", "tiny", "--resolution", "128", "--shards", "2", "--per-shard", "64"],
     ["benchmarks.bench_outputs", "--case", "decode"],
     ["benchmarks.bench_outputs", "--case", "encoder"],
+    ["benchmarks.bench_dataset", "--shards", "4", "--per-shard", "2048"],
+    ["benchmarks.bench_scale", "--sizes", "1000,10000", "--where", "local,s3"],
+    ["benchmarks.bench_text"],
 ]
+#: Benchmarks without a --repeats option (each measures one run, or repeats on its own terms).
+NO_REPEATS = {"benchmarks.bench_memory", "benchmarks.bench_scale"}
 
 
 def main(argv=None) -> int:
@@ -34,7 +39,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     failed = 0
     for bench in BENCHES:
-        cmd = [sys.executable, "-m", *bench] + (["--repeats", "1"] if args.quick and bench[0] != "benchmarks.bench_memory" else [])
+        cmd = [sys.executable, "-m", *bench] + (["--repeats", "1"] if args.quick and bench[0] not in NO_REPEATS else [])
         print("\n$ python -m " + " ".join(cmd[2:]), flush=True)
         failed += subprocess.run(cmd).returncode != 0
     return 1 if failed else 0

@@ -54,12 +54,26 @@ from .scheduler import Scheduler
 from .summary import EncodeSummary, FailedShard, write_summary
 from .worker import EncodeWorker, ShardResult
 
-__all__ = ["EncodeActor", "RunAccount", "run_encode"]
+__all__ = ["EncodeActor", "EncodeMetrics", "EncodeRun", "RunAccount", "RunningImages", "fault_env", "is_permanent", "run_encode"]
 
 log = logging.getLogger(__name__)
 
 # Errors that no retry can fix: fail the shard at once instead of burning attempts.
 _PERMANENT = (FileNotFoundError, ConfigError, ManifestMismatch)
+
+
+class EncodeMetrics:
+    """The Ray metrics an encode actor exports (images written, bad samples by reason)."""
+
+    def __init__(self) -> None:
+        self._images = MetricCounter("latent_encode_images", "Images encoded and written")
+        self._errors = MetricCounter("latent_encode_bad_samples", "Samples written to the error ledger", ("reason",))
+
+    def record(self, result: ShardResult) -> None:
+        if result.rows:
+            self._images.inc(result.rows)
+        for reason, count in result.errors_by_reason.items():
+            self._errors.inc(count, tags={"reason": reason})
 
 
 @ray.remote(concurrency_groups={"status": 1})
@@ -69,8 +83,7 @@ class EncodeActor:
     def __init__(self, config: JobConfig, device: str, log_level: int = logging.INFO):
         logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
         self.worker = EncodeWorker(config, device=device, set_threads=True)
-        self._images = MetricCounter("latent_encode_images", "Images encoded and written")
-        self._errors = MetricCounter("latent_encode_bad_samples", "Samples written to the error ledger", ("reason",))
+        self.metrics = EncodeMetrics()
 
     def manifest(self) -> dict[str, Any]:
         """The manifest this worker writes under (model fingerprint, shapes, ...)."""
@@ -79,10 +92,7 @@ class EncodeActor:
     def process_shard(self, url: str, name: str, num_shards: int, qa_rows: int) -> ShardResult:
         # The plan handed the shard out as uncommitted: no old commit to delete first.
         result = self.worker.process_shard(url, name, num_shards=num_shards, qa_rows=qa_rows, fresh=True)
-        if result.rows:
-            self._images.inc(result.rows)
-        for reason, count in result.errors_by_reason.items():
-            self._errors.inc(count, tags={"reason": reason})
+        self.metrics.record(result)
         return result
 
     @ray.method(concurrency_group="status")
@@ -91,12 +101,14 @@ class EncodeActor:
         return dict(self.worker.running)
 
 
-def _fault_env() -> dict[str, str]:
+def fault_env() -> dict[str, str]:
+    """The environment every encode actor gets from the driver (shared with `multi_driver`)."""
     # The test-only fault hooks must reach the actors also on a cluster (env of the driver only).
     return {k: os.environ[k] for k in faults.ENV_VARS if k in os.environ}
 
 
-def _is_permanent(e: BaseException) -> bool:
+def is_permanent(e: BaseException) -> bool:
+    """Whether a shard's error is one that no retry can fix (the shard fails at once)."""
     cause = e.cause if isinstance(e, RayTaskError) else e
     return isinstance(cause, _PERMANENT)
 
@@ -181,7 +193,7 @@ class RunAccount:
         return s
 
 
-class _RunningImages:
+class RunningImages:
     """Images encoded so far by the shards still running, asked of their actors about once a second."""
 
     def __init__(self) -> None:
@@ -237,7 +249,7 @@ class _RecordedModel:
         return dict(self._fingerprint)
 
 
-class _EncodeRun:
+class EncodeRun:
     """One run of the encode stage: set up, schedule every shard, account for each."""
 
     def __init__(self, config: JobConfig, stream: TextIO | None = None, force: bool = False):
@@ -370,14 +382,14 @@ class _EncodeRun:
         # Actors log at the driver's level (`-q` quiets them too).
         level = logging.getLogger("pipeline").getEffectiveLevel()
         actors = start_actors(EncodeActor, count, (self.config, device, level), num_cpus=cpus, num_gpus=gpus,
-                              env=_fault_env(), max_restarts=-1, max_task_retries=0, max_concurrency=per_actor)
+                              env=fault_env(), max_restarts=-1, max_task_retries=0, max_concurrency=per_actor)
         log.info("starting %d encode worker(s) (%s GPU, %s CPU each, device %s)", count, gpus, cpus, device)
         return ActorPool(actors, label="encode worker", per_actor=per_actor, probe="manifest", restartable=True)
 
     def _schedule(self, plan: Plan, pool: ActorPool) -> None:
         self.account.begin(plan)
         scheduler = Scheduler(plan.todo, self.config.ray.max_attempts)
-        images = _RunningImages()
+        images = RunningImages()
         num_shards = len(plan.shards)
         while scheduler.pending or pool.busy:
             if self.lease.lost:
@@ -402,7 +414,7 @@ class _EncodeRun:
             self.written.add(CommitRecord.from_dict(call.result.commit))
             return
         error = error_text(call.error)
-        attempt = scheduler.failed(task, permanent=_is_permanent(call.error))
+        attempt = scheduler.failed(task, permanent=is_permanent(call.error))
         if attempt.retry:
             self.account.retried(task, attempt.number, error)
         else:
@@ -420,7 +432,7 @@ def run_encode(config: JobConfig, stream: TextIO | None = None, *, force: bool =
     """
     if config.outputs:
         raise ConfigError("outputs", "a config with several outputs runs through pipeline.multi_driver.run_outputs")
-    summary = _EncodeRun(config, stream, force).run()
+    summary = EncodeRun(config, stream, force).run()
     try:
         write_summary(summary, config.output.path, config.output.storage_options)
     except OSError as e:

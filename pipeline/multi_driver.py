@@ -2,7 +2,7 @@
 
 Each output is run as `pipeline.driver` runs a single-output config: its own lease, its plan
 against its own commits, its manifest (checked, or written first), its progress lines, index and
-OUTPUT/summary.json (one `driver._EncodeRun` per output keeps all of that). What is shared is the
+OUTPUT/summary.json (one `driver.EncodeRun` per output keeps all of that). What is shared is the
 pass: one set of Ray actors (`MultiEncodeActor`, around `fanout.MultiEncodeWorker`) that read and
 decode each input shard once for all outputs.
 
@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import ray
-from ray.util.metrics import Counter as MetricCounter
 
 from . import storage
 from .cluster import ActorPool, Finished, connect_ray, error_text, start_actors, worker_resources
 from .commit import CommitRecord
 from .config import JobConfig
-from .driver import _EncodeRun, _fault_env, _is_permanent, _RunningImages
+from .driver import EncodeMetrics, EncodeRun, RunningImages, fault_env, is_permanent
 from .fanout import FanoutResult, MultiEncodeWorker, OutputTask
 from .lease import LeaseHeld
 from .manifest import Manifest, check_or_write_manifest
@@ -36,6 +35,7 @@ from .plan import Plan, ShardTask, committed_index, make_plan
 from .progress import Progress, ProgressState
 from .scheduler import Scheduler
 from .summary import EncodeSummary, write_summary
+from .worker import ShardResult
 
 __all__ = ["MultiEncodeActor", "run_outputs"]
 
@@ -49,27 +49,38 @@ class MultiEncodeActor:
     def __init__(self, config: JobConfig, device: str, log_level: int = logging.INFO):
         logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
         self.worker = MultiEncodeWorker(config, device=device, set_threads=True)
-        self._images = MetricCounter("latent_encode_images", "Images encoded and written")
-        self._errors = MetricCounter("latent_encode_bad_samples", "Samples written to the error ledger", ("reason",))
+        self.metrics = EncodeMetrics()
 
     def manifests(self) -> list[dict[str, Any]]:
         """The manifest of each output this worker writes (model fingerprint, shapes, ...)."""
         return [m.to_dict() for m in self.worker.manifests]
 
-    def process_shard(self, url: str, tasks: list[OutputTask], num_shards: int) -> FanoutResult:
+    def process_shard(self, url: str, tasks: list[OutputTask], num_shards: int) -> _Outcome:
         # The plan handed the shard out as uncommitted in these outputs: no old commit to delete first.
         result = self.worker.process_shard(url, tasks, num_shards=num_shards, fresh=True)
         for shard in result.results.values():
-            if shard.rows:
-                self._images.inc(shard.rows)
-            for reason, count in shard.errors_by_reason.items():
-                self._errors.inc(count, tags={"reason": reason})
-        return result
+            self.metrics.record(shard)
+        return _Outcome.of(result)
 
     @ray.method(concurrency_group="status")
     def progress(self) -> dict[str, int]:
         """Shards being encoded -> images of each encoded so far (the most of any output)."""
         return self.worker.running
+
+
+@dataclass
+class _Outcome:
+    """A `FanoutResult` as the actor sends it back: each failed output's error as its line and
+    whether a retry could help (an exception object may not survive the trip)."""
+
+    results: dict[int, ShardResult]
+    errors: dict[int, str]
+    permanent: dict[int, bool]
+
+    @classmethod
+    def of(cls, result: FanoutResult) -> _Outcome:
+        return cls(result.results, {i: error_text(e) for i, e in result.errors.items()},
+                   {i: is_permanent(e) for i, e in result.errors.items()})
 
 
 class _OutputProgress:
@@ -107,7 +118,7 @@ class _MultiRun:
 
     def __init__(self, config: JobConfig, stream: TextIO | None, force: bool):
         self.config = config
-        self.runs = [_EncodeRun(job, stream, force) for job in config.output_jobs()]
+        self.runs = [EncodeRun(job, stream, force) for job in config.output_jobs()]
         self.progress = Progress(stream)
         self.pool: ActorPool | None = None
         self.force = force
@@ -117,7 +128,7 @@ class _MultiRun:
     def run(self) -> list[EncodeSummary]:
         start = time.monotonic()
         urls = [run._precheck() for run in self.runs][0]  # `input` is shared: the same shards for all
-        leased: list[_EncodeRun] = []
+        leased: list[EncodeRun] = []
         try:
             for run in self.runs:
                 run.lease.acquire(force=self.force)
@@ -130,7 +141,7 @@ class _MultiRun:
         seconds = time.monotonic() - start
         return [run.account.finish(seconds) for run in self.runs]
 
-    def _plan(self, run: _EncodeRun, urls: list[str]) -> Plan:
+    def _plan(self, run: EncodeRun, urls: list[str]) -> Plan:
         # As the single-output driver: list _commits/ rather than trust a current index.
         run.index = committed_index(run.root, run.so, lease=None)
         return make_plan(urls, run.root, self.config.input.storage_options, run.so, index=run.index,
@@ -183,7 +194,7 @@ class _MultiRun:
         config = dataclasses.replace(self.config, outputs=[self.runs[i].config for i in self.active])
         level = logging.getLogger("pipeline").getEffectiveLevel()
         actors = start_actors(MultiEncodeActor, count, (config, device, level), num_cpus=cpus, num_gpus=gpus,
-                              env=_fault_env(), max_restarts=-1, max_task_retries=0, max_concurrency=per_actor)
+                              env=fault_env(), max_restarts=-1, max_task_retries=0, max_concurrency=per_actor)
         log.info("starting %d encode worker(s) for %d outputs (%s GPU, %s CPU each, device %s)", count,
                  len(self.active), gpus, cpus, device)
         return ActorPool(actors, label="encode worker", per_actor=per_actor, probe="manifests", restartable=True)
@@ -203,7 +214,7 @@ class _MultiRun:
         for i in self.active:
             self.runs[i].account.begin(plans[i])
         scheduler = Scheduler(self._shards(plans, urls), self.config.ray.max_attempts)
-        images = _RunningImages()
+        images = RunningImages()
         num_shards = len(plans[self.active[0]].shards)
         first = self.runs[self.active[0]].account
         while scheduler.pending or pool.busy:
@@ -227,10 +238,11 @@ class _MultiRun:
     def _finished(self, call: Finished, scheduler: Scheduler) -> None:
         shard: _Shard = call.item
         if call.error is not None:  # the whole call failed (its actor died): every output of it did
-            errors: dict[int, BaseException] = {t.output: call.error for t in shard.tasks}
+            errors = {t.output: error_text(call.error) for t in shard.tasks}
+            permanent = is_permanent(call.error)
         else:
-            result: FanoutResult = call.result
-            errors = result.errors
+            result: _Outcome = call.result
+            errors, permanent = result.errors, all(result.permanent.values())
             for task in shard.tasks:
                 if task.output in result.results:
                     run = self.runs[self.active[task.output]]
@@ -240,14 +252,14 @@ class _MultiRun:
         if not errors:
             return
         shard.tasks = [t for t in shard.tasks if t.output in errors]
-        attempt = scheduler.failed(shard, permanent=all(_is_permanent(e) for e in errors.values()))
+        attempt = scheduler.failed(shard, permanent=permanent)
         for task in shard.tasks:
             account = self.runs[self.active[task.output]].account
             what = ShardTask(shard.url, task.name, task.qa_rows)
             if attempt.retry:
-                account.retried(what, attempt.number, error_text(errors[task.output]))
+                account.retried(what, attempt.number, errors[task.output])
             else:
-                account.failed(what, attempt.number, error_text(errors[task.output]))
+                account.failed(what, attempt.number, errors[task.output])
 
 
 def run_outputs(config: JobConfig, stream: TextIO | None = None, *, force: bool = False) -> list[EncodeSummary]:
