@@ -97,15 +97,18 @@ def _manifest_blob(root: str, inputs: str, so: dict | None) -> bytes:
     return manifest.to_json().encode()
 
 
-def _finish_like_a_run(root: str, so: dict | None, blobs: dict[str, bytes]) -> None:
-    """Write the index (from the records at hand and one LIST) and release the lease naming it."""
+def _finish_like_a_run(
+    root: str, so: dict | None, blobs: dict[str, bytes], listing: dict[str, tuple[int, str]] | None = None
+) -> None:
+    """Write the index (from the records at hand and one LIST, or the `listing` of the commits,
+    `{name: (size, ETag)}`, where the caller knows it) and release the lease naming it."""
     from pipeline.commit import CommitRecord
     from pipeline.index import ShardIndex, list_commits, write_index
     from pipeline.lease import Lease
 
     lease = Lease(root, so, settle=0).acquire()
     records = {n: CommitRecord.from_json(b, n) for n, b in sorted(blobs.items())}
-    index = ShardIndex.from_records(records, list_commits(root, so))
+    index = ShardIndex.from_records(records, listing if listing is not None else list_commits(root, so))
     lease.release(write_index(root, index, so))
 
 
@@ -164,11 +167,12 @@ class CountingS3:
         for i in range(n):
             backend.put_object(f"inputs-{n}", f"{i:06d}.tar", b"")
         blobs = _commit_blobs(f"s3://inputs-{n}", n)
+        listing = {}  # what a LIST of _commits/ returns, without moto's LIST (minutes at 10^5 keys)
         for name, blob in blobs.items():
-            backend.put_object(bucket, f"out/_commits/{name}.json", blob)
+            listing[name] = (len(blob), backend.put_object(bucket, f"out/_commits/{name}.json", blob).etag)
         root, inputs = f"s3://{bucket}/out", _urls(f"s3://inputs-{n}", n)
         backend.put_object(bucket, "out/manifest.json", _manifest_blob(root, inputs, self.options))
-        _finish_like_a_run(root, self.options, blobs)
+        _finish_like_a_run(root, self.options, blobs, listing)
         return root, inputs
 
 

@@ -6,7 +6,8 @@ The epoch plan
 
     1. Order. The committed shards are shuffled, then the row groups inside each shard (a tar
        shard of format "wds" is one unit); laid end to end they put the epoch's N samples in one
-       sequence. Row counts come from the commit records, so no file is opened to plan.
+       sequence. Row counts come from the index's columns (numpy, no object per shard), so no
+       file is opened to plan.
     2. Ranks. The sequence (after a resume: what is left of it, M samples) is cut into
        `world_size` contiguous slices of one length L: ceil(M / world_size), the last slice
        wrapping around to the start of the sequence for the few samples it lacks (pad, the
@@ -63,8 +64,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import storage
-from .commit import CommitRecord, ShardScan
-from .index import READER_COLUMNS, load_index
+from .commit import CommitRecord
+from .index import READER_COLUMNS, ShardIndex, load_index
 from .manifest import Manifest, read_manifest
 from .schema import (
     CHECKSUM_SUFFIX,
@@ -87,7 +88,6 @@ __all__ = [
     "bucket_batches",
     "collate",
     "iter_shard_rows",
-    "list_shards",
     "resolve_rank",
 ]
 
@@ -143,26 +143,29 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
     return int(rank), int(world_size)
 
 
-def list_shards(url: str, storage_options: Mapping[str, Any] | None = None) -> ShardScan:
-    """The shards of OUTPUT `url`: committed (with their commit records), broken and uncommitted.
+def _committed_shards(
+    url: str, storage_options: Mapping[str, Any] | None, *, sha256: bool
+) -> tuple[ShardIndex, dict[str, str]]:
+    """The committed shards of OUTPUT `url` as index columns (`READER_COLUMNS`, and `shard_sha256`
+    with `sha256`), and the shards present but not read, with why.
 
-    The one place the reader learns the shard list; everything it plans comes from the records.
-    They come from the consolidated index (`pipeline.index`): a few requests per rank when it is
-    current, a LIST of `_commits/` otherwise, never one request per shard. Broken are commits that
-    cannot be parsed and indexed shards whose commit is gone. Shard files without any commit are
-    found only when the commits had to be listed anyway: one more LIST (of `shards/`), the same
-    order of requests; a current index vouches for itself.
+    The one place the reader learns the shard list. It comes from the consolidated index
+    (`pipeline.index`): a few requests per rank when it is current, a LIST of `_commits/` otherwise,
+    never one request per shard. Broken are commits that cannot be parsed and indexed shards whose
+    commit is gone. Shard files without any commit are found only when the commits had to be listed
+    anyway: one more LIST (of `shards/`), the same order of requests; a current index vouches for
+    itself.
     """
-    index = load_index(url, storage_options, columns=READER_COLUMNS)
-    committed = index.records()
-    broken = dict(index.broken)
-    broken.update({name: "its commit record is gone (the index listed it)" for name in index.dropped})
-    uncommitted: list[str] = []
+    columns = READER_COLUMNS + (("shard_sha256",) if sha256 else ())
+    index = load_index(url, storage_options, columns=columns)
+    excluded = {name: f"broken: {why}" for name, why in index.broken.items()}
+    excluded.update({name: "broken: its commit record is gone (the index listed it)" for name in index.dropped})
     if not index.current:
         files = storage.list_files(storage.join(url, "shards"), storage_options)
         names = {f.rsplit(".", 1)[0] for f in files if not f.startswith(".")}
-        uncommitted = sorted(names - set(committed) - set(broken))
-    return ShardScan(committed=committed, broken=broken, uncommitted=uncommitted)
+        for name in sorted(names - set(index.names) - set(excluded)):
+            excluded[name] = "uncommitted: a shard file without a commit record"
+    return index, excluded
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,41 +408,116 @@ class _Unit:
     shard: str
     row_group: int | None  # None: a whole tar shard
     rows: int
+    position: int  # the shard's, in the dataset's records
+
+
+# Arrow <-> numpy through the buffers: pyarrow's own conversions (`to_numpy`, `pa.array`, scalars)
+# import pandas, 0.2 s and 50 MB in a process that has no other use for it.
+
+
+def _numpy(column: pa.ChunkedArray, dtype=np.int64) -> np.ndarray:
+    """An integer or boolean Arrow column as numpy `dtype`, nulls as 0 (False)."""
+    parts = [np.zeros(0, dtype)]
+    for chunk in column.chunks:
+        n, offset = len(chunk), chunk.offset
+        if not n:
+            continue
+        if pa.types.is_boolean(chunk.type):
+            values = _bits(chunk.buffers()[1], offset, n)
+        else:
+            width = chunk.type.bit_width // 8
+            values = np.frombuffer(chunk.buffers()[1], f"<i{width}", n, offset * width)
+        if chunk.null_count:
+            values = np.where(_bits(chunk.buffers()[0], offset, n), values, 0)
+        parts.append(values.astype(dtype, copy=False))
+    return np.concatenate(parts)
+
+
+def _bits(buffer: pa.Buffer, offset: int, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(buffer, np.uint8), bitorder="little")[offset : offset + n].astype(bool)
+
+
+def _arrow_positions(positions: np.ndarray) -> pa.Array:
+    """int64 numpy as an Arrow array (for `take`)."""
+    positions = np.ascontiguousarray(positions, np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(positions), [None, pa.py_buffer(positions)])
+
+
+class _Units:
+    """The units of an epoch as arrays: shard position, row group (-1: a whole tar shard), rows.
+    `units[u]` builds unit `u`."""
+
+    def __init__(self, names: pa.ChunkedArray, shard: np.ndarray, group: np.ndarray, rows: np.ndarray):
+        self._names = names
+        self.shard = shard
+        self.group = group
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, u: int) -> _Unit:
+        group = int(self.group[u])
+        shard = int(self.shard[u])
+        return _Unit(self._names[shard].as_py(), None if group < 0 else group, int(self.rows[u]), shard)
 
 
 class _Order:
     """An epoch's sample sequence: shards shuffled, then their row groups; sample g is row
-    `g - starts[u]` of unit `u`."""
+    `g - starts[u]` of unit `u`.
 
-    def __init__(self, records: Mapping[str, CommitRecord], seed: int, epoch: int, shuffle: bool):
+    Built with numpy from the index's columns: at 10^5 shards it makes no Python object per shard
+    or row group, except to shuffle the row groups of shards that have several.
+    """
+
+    def __init__(self, shards: ShardIndex, seed: int, epoch: int, shuffle: bool):
         rng = random.Random(f"{seed}:{epoch}")
-        names = sorted(records)
+        table = shards.table
+        n = table.num_rows
+        rows = _numpy(table.column("rows"))
+        lists = table.column("row_groups")
+        counts = _numpy(pc.list_value_length(lists))
+        values = _numpy(pc.list_flatten(lists))
+        whole = _numpy(pc.match_substring_regex(table.column("format"), pattern="^wds$"), bool) | (counts == 0)
+        # The shards' order. A shuffle's draws depend on the length alone: shuffling positions
+        # orders the shards as shuffling their names does.
+        order = list(range(n))
         if shuffle:
-            rng.shuffle(names)
-        units: list[_Unit] = []
-        for name in names:
-            rec = records[name]
-            if rec.rows <= 0:
-                continue
-            if rec.format == "wds" or not rec.row_groups:
-                units.append(_Unit(name, None, rec.rows))
-                continue
-            groups = [_Unit(name, i, n) for i, n in enumerate(rec.row_groups) if n > 0]
-            if shuffle:
-                rng.shuffle(groups)
-            units.extend(groups)
-        self.units = units
-        self.starts = [0]
-        for u in units:
-            self.starts.append(self.starts[-1] + u.rows)
-        self.total = self.starts[-1]
+            rng.shuffle(order)
+        order = np.asarray(order, np.int64)
+        order = order[rows[order] > 0]
+        # Row groups with rows: their flat positions, grouped by shard, and how many each shard has.
+        nonzero = np.flatnonzero(values > 0)
+        per_shard = np.bincount(np.repeat(np.arange(n), counts)[nonzero], minlength=n)
+        first_nonzero = np.cumsum(per_shard) - per_shard
+        first_group = np.cumsum(counts) - counts
+        # One unit per whole shard, else one per row group with rows, in row group order ...
+        per_unit = np.where(whole[order], 1, per_shard[order])
+        shard = np.repeat(order, per_unit)
+        first_unit = np.cumsum(per_unit) - per_unit
+        local = np.arange(len(shard)) - np.repeat(first_unit, per_unit)
+        # ... then shuffled within the shard, in shard order (the draws of a shard of one unit are none).
+        if shuffle:
+            for k in np.flatnonzero(~whole[order] & (per_unit > 1)):
+                perm = list(range(int(per_unit[k])))
+                rng.shuffle(perm)
+                local[first_unit[k] : first_unit[k] + per_unit[k]] = perm
+        grouped = np.flatnonzero(~whole[shard])
+        flat = nonzero[first_nonzero[shard[grouped]] + local[grouped]]
+        group = np.full(len(shard), -1, np.int64)
+        group[grouped] = flat - first_group[shard[grouped]]
+        unit_rows = rows[shard]
+        unit_rows[grouped] = values[flat]
+        self.units = _Units(table.column("name"), shard, group, unit_rows)
+        self.starts = np.concatenate([[0], np.cumsum(unit_rows)]).astype(np.int64)
+        self.total = int(self.starts[-1])
 
     def runs(self, g: int, n: int) -> Iterator[tuple[int, int, int]]:
         """(unit, first row, end row) covering samples [g, g + n) of the sequence."""
-        u = bisect.bisect_right(self.starts, g) - 1
+        u = int(np.searchsorted(self.starts, g, side="right")) - 1
         while n > 0:
-            row = g - self.starts[u]
-            take = min(n, self.units[u].rows - row)
+            row = g - int(self.starts[u])
+            take = min(n, int(self.units.rows[u]) - row)
             yield u, row, row + take
             g += take
             n -= take
@@ -767,7 +845,7 @@ class _ShardReader:
     def chunks(self, unit: _Unit, lo: int, hi: int) -> Iterator[list]:
         """Rows `lo:hi` of `unit` in consecutive chunks, as they are decoded: row dicts, None for
         rows the `keys` filter drops, `_DAMAGED`."""
-        record = self.ds.records[unit.shard]
+        record = self.ds.records.at(unit.position)
         try:
             self._verify(record)
             if record.format == "wds":
@@ -1153,20 +1231,20 @@ class LatentDataset(IterableDataset):
         self.storage_options = dict(storage_options or {})
         self.rank, self.world_size = resolve_rank(rank, world_size)
         self.manifest: Manifest = read_manifest(url, self.storage_options)
-        scan = list_shards(url, self.storage_options)
-        records = dict(scan.committed)
+        index, excluded = _committed_shards(url, self.storage_options, sha256=bool(verify))
         #: Shards found but not read, with why: broken commits (a file missing or of the wrong
         #: size) and shard files without a commit.
-        self.excluded: dict[str, str] = {name: f"broken: {why}" for name, why in scan.broken.items()}
-        self.excluded.update({name: "uncommitted: a shard file without a commit record" for name in scan.uncommitted})
+        self.excluded: dict[str, str] = excluded
         if shards is not None:
-            missing = [s for s in shards if s not in records]
+            positions = {name: i for i, name in enumerate(index.table.column("name").to_pylist())}
+            missing = [s for s in shards if s not in positions]
             if missing:
                 listing = ", ".join(f"{s} ({self.excluded[s]})" if s in self.excluded else s for s in missing[:10])
                 raise DatasetError(
                     f"{storage.redact(url)}: shard(s) not committed: {listing}" + (" ..." if len(missing) > 10 else "")
                 )
-            records = {s: records[s] for s in shards}
+            keep = np.unique(np.fromiter((positions[s] for s in shards), np.int64))
+            index = ShardIndex(index.table.take(_arrow_positions(keep)))
             self.excluded = {}
         elif self.excluded:
             listing = "; ".join(f"{n}: {why}" for n, why in list(self.excluded.items())[:5])
@@ -1176,7 +1254,7 @@ class LatentDataset(IterableDataset):
                 DatasetWarning,
                 stacklevel=2,
             )
-        self.records: dict[str, CommitRecord] = dict(sorted(records.items()))
+        self.records = index
         self.shuffle = shuffle
         self.shuffle_buffer = max(1, int(shuffle_buffer))
         self.seed = int(seed)
@@ -1210,9 +1288,22 @@ class LatentDataset(IterableDataset):
 
     # -- planning --------------------------------------------------------------------------
     @property
+    def records(self) -> ShardIndex:
+        """The shards read, by name: index columns, each shard's `CommitRecord` built when asked for
+        (it holds what reading needs: format, dtype, rows, row groups, the shard file's size and,
+        with `verify`, its sha256). May be set to a narrower mapping of records."""
+        return self._records
+
+    @records.setter
+    def records(self, records: Mapping[str, CommitRecord]) -> None:
+        self._records = records if isinstance(records, ShardIndex) else ShardIndex.from_records(records, {})
+        self._plan = None
+        self._fingerprints: dict[bool, str] = {}
+
+    @property
     def num_rows(self) -> int:
         """Committed rows in the dataset (all ranks together)."""
-        return sum(r.rows for r in self.records.values())
+        return self.records.total_rows
 
     @property
     def shards(self) -> list[str]:
@@ -1251,13 +1342,22 @@ class LatentDataset(IterableDataset):
         return _rank_span(self._current_plan().total, self.world_size, self.rank, self._mode())[1]
 
     def _fingerprint(self) -> str:
-        listing = [(n, r.rows, list(r.row_groups), r.format) for n, r in self.records.items()]
-        return hashlib.sha256(json.dumps([listing, self.shuffle]).encode()).hexdigest()[:16]
+        """The shard list and order rule a saved state belongs to (kept: half a second at 10^5 shards)."""
+        if self.shuffle not in self._fingerprints:
+            table = self.records.table
+            groups = [list(g or ()) for g in table.column("row_groups").to_pylist()]
+            listing = list(zip(table.column("name").to_pylist(), table.column("rows").to_pylist(), groups,
+                               table.column("format").to_pylist()))
+            digest = hashlib.sha256(json.dumps([listing, self.shuffle]).encode()).hexdigest()[:16]
+            self._fingerprints[self.shuffle] = digest
+        return self._fingerprints[self.shuffle]
 
     def _shapes_present(self) -> int:
-        """Distinct latent shapes of the dataset (what bounds the number of aspect buckets)."""
-        shapes = {s for r in self.records.values() for s in (r.shapes or {})}
-        return max(1, len(shapes) or len(self.manifest.shapes))
+        """Distinct latent shapes of the dataset (what bounds the number of aspect buckets): from
+        the records' shape counts where they hold them, else the manifest's."""
+        table = self.records.table
+        shapes = len(pc.unique(table.column("shapes").combine_chunks().keys)) if "shapes" in table.column_names else 0
+        return max(1, shapes or len(self.manifest.shapes))
 
     # -- reading ---------------------------------------------------------------------------
     def _columns(self) -> set[str]:

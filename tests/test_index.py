@@ -3,6 +3,7 @@ from a LIST of _commits/, against real Parquet, DuckDB and a request-counting S3
 
 from __future__ import annotations
 
+import io
 import logging
 
 import numpy as np
@@ -11,7 +12,7 @@ from output_builders import write_output
 
 from pipeline import storage
 from pipeline.commit import committed_records, pooled_stats, read_commit
-from pipeline.index import ShardIndex, WrittenCommits, load_index, refresh_index, write_index
+from pipeline.index import READER_COLUMNS, ShardIndex, WrittenCommits, load_index, refresh_index, write_index
 from pipeline.layout import commit_url, index_url
 from pipeline.lease import Lease
 
@@ -114,6 +115,36 @@ def test_requests_on_s3_current_and_stale(counting_s3):
     assert counting_s3.count("GET", "/_commits/") == 1, counting_s3.requests
     assert counting_s3.count() <= 5, counting_s3.requests
     lease.release(None)
+
+
+def test_a_few_columns_are_read_as_byte_ranges(counting_s3, monkeypatch):
+    """A reader asking for a few columns GETs the footer, then one byte range per row group of
+    those columns, not the whole index; it gets what a whole read gives."""
+    from pipeline import index as index_module
+
+    so = counting_s3.storage_options
+    root = storage.join(counting_s3.bucket("ranged-reads"), "out")
+    write_output(root, {f"{i:05d}": 2 for i in range(30)}, storage_options=so, row_group_rows=None, errors=0)
+    _publish(root, so)
+    # The same index in row groups of 8 shards (one of 10^5 shards has 7 row groups of 16,384).
+    url = index_url(root)
+    table = pq.read_table(io.BytesIO(storage.read_bytes(url, so)))
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=8)
+    storage.put_bytes(url, buf.getvalue(), so)
+    # Scaled down with the index: less than the footer (a second GET), less than a row group's
+    # other columns (the statistics), more than the columns between wanted ones.
+    monkeypatch.setattr(index_module, "_TAIL", 1024)
+    monkeypatch.setattr(index_module, "_GAP", 512)
+    ranges = index_module._chunk_ranges(pq.read_metadata(io.BytesIO(buf.getvalue())), READER_COLUMNS)
+    assert len(ranges) == 4  # the wanted columns of a row group are one range
+
+    counting_s3.reset()
+    index = load_index(root, so, columns=READER_COLUMNS)
+    assert index.current and index.table.equals(table.select(list(READER_COLUMNS)).replace_schema_metadata(None))
+    assert counting_s3.count("GET", "/out/index") == 2 + 4, counting_s3.requests
+    assert index["00007"].files == {"shards/00007.parquet": {"size": storage.size(f"{root}/shards/00007.parquet", so),
+                                                             "sha256": None}}
 
 
 def test_refresh_takes_written_commits_without_reading_them(tmp_path, monkeypatch):
