@@ -32,21 +32,6 @@ import yaml
 
 from benchmarks import common
 
-MULTI_JOB = r'''
-import json, sys, time
-import ray
-
-args = json.loads(sys.argv[1])
-ray.init(num_cpus=args["cpus"], num_gpus=args["gpus"], include_dashboard=False, log_to_driver=False)
-from pipeline.config import load_config
-from pipeline.multi_driver import run_outputs
-
-config = load_config(args["config"])
-t0 = time.perf_counter()
-summaries = run_outputs(config)
-print(json.dumps({"images": sum(s.images for s in summaries), "seconds": time.perf_counter() - t0}))
-'''
-
 CASES = {
     "decode": {"source_side": 3072, "resolutions": "32,48", "shards": 2, "per_shard": 96},
     "encoder": {"source_side": 160, "resolutions": "128,128", "shards": 2, "per_shard": 96},
@@ -117,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 separate.append(sum(run["seconds"] for run in runs))
                 images = sum(run["images"] for run in runs)
             else:
-                run = common.run_script(MULTI_JOB, {**payload, "config": str(multi)})
+                run = common.run_script(common.ENCODE_JOB, {**payload, "config": str(multi)})
                 one_pass.append(run["seconds"])
                 assert run["images"] == images or not images, (run["images"], images)
             print(f"repeat {r + 1}: {variant}: {(separate if variant == 'separate' else one_pass)[-1]:.2f} s",

@@ -105,9 +105,10 @@ def write_job_config(path: Path, shards: list[str], out: Path, *, preset: str, r
     return path
 
 
-#: What `python -m pipeline encode CONFIG` runs once Ray is up (`run_encode`), in a process that
-#: first starts a local Ray instance; argv[1] is JSON {"config", "cpus", "gpus"}. Prints
-#: {"images", "seconds"}, timed from after `ray.init`, so actor start and model load count.
+#: What `python -m pipeline encode CONFIG` runs once Ray is up (`run_encode`, or `run_outputs` for
+#: a config with `outputs:`), in a process that first starts a local Ray instance; argv[1] is JSON
+#: {"config", "cpus", "gpus"}. Prints {"images", "seconds"} (images summed over the outputs),
+#: timed from after `ray.init`, so actor start and model load count.
 ENCODE_JOB = r'''
 import json, sys, time
 import ray
@@ -116,11 +117,12 @@ args = json.loads(sys.argv[1])
 ray.init(num_cpus=args["cpus"], num_gpus=args["gpus"], include_dashboard=False, log_to_driver=False)
 from pipeline.config import load_config
 from pipeline.driver import run_encode
+from pipeline.multi_driver import run_outputs
 
 config = load_config(args["config"])
 t0 = time.perf_counter()
-summary = run_encode(config)
-print(json.dumps({"images": summary.images, "seconds": time.perf_counter() - t0}))
+summaries = run_outputs(config) if config.outputs else [run_encode(config)]
+print(json.dumps({"images": sum(s.images for s in summaries), "seconds": time.perf_counter() - t0}))
 '''
 
 
