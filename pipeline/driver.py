@@ -48,7 +48,7 @@ from .manifest import (
     read_manifest,
 )
 from .plan import Plan, ShardTask, committed_index, expand_urls, make_plan
-from .preflight import check_inputs, check_job
+from .preflight import InputError, check_inputs, check_job
 from .progress import Progress, ProgressState
 from .scheduler import Scheduler
 from .summary import EncodeSummary, FailedShard, write_summary
@@ -321,10 +321,12 @@ class EncodeRun:
     def _check_todo_inputs(self, plan: Plan) -> None:
         if self.inputs_checked:
             return
-        # A refused input leaves OUTPUT as it was: the index is not rewritten on the way out.
-        self.wrote_nothing = True
-        check_inputs([t.url for t in plan.todo], self.config.input.storage_options)
-        self.wrote_nothing = False
+        try:
+            check_inputs([t.url for t in plan.todo], self.config.input.storage_options)
+        except InputError:
+            # A refused input leaves OUTPUT as it was: the index is not rewritten on the way out.
+            self.wrote_nothing = True
+            raise
 
     def _nothing_to_do(self, plan: Plan) -> None:
         self._check_config_against_manifest()
