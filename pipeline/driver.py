@@ -48,7 +48,7 @@ from .manifest import (
     read_manifest,
 )
 from .plan import Plan, ShardTask, committed_index, expand_urls, make_plan
-from .preflight import InputError, check_inputs, check_job
+from .preflight import InputError, check_files, check_job
 from .progress import Progress, ProgressState
 from .scheduler import Scheduler
 from .summary import EncodeSummary, FailedShard, write_summary
@@ -322,7 +322,7 @@ class EncodeRun:
         if self.inputs_checked:
             return
         try:
-            check_inputs([t.url for t in plan.todo], self.config.input.storage_options)
+            check_files([t.url for t in plan.todo], self.config.input.storage_options)
         except InputError:
             # A refused input leaves OUTPUT as it was: the index is not rewritten on the way out.
             self.wrote_nothing = True

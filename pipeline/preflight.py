@@ -29,7 +29,7 @@ from .config import JobConfig
 from .models import check_weights
 from .plan import PlanError, expand_braces
 
-__all__ = ["InputError", "OutputError", "check_inputs", "check_job", "check_output"]
+__all__ = ["InputError", "OutputError", "check_files", "check_inputs", "check_job", "check_output"]
 
 #: Missing inputs named in the error message; the rest are counted.
 SHOWN = 5
@@ -68,8 +68,14 @@ def _plain_urls(urls: str | list[str]) -> list[str]:
 def check_inputs(urls: str | list[str], storage_options: Mapping[str, Any] | None = None) -> None:
     """Raise `InputError` unless every plain input URL of `urls` (patterns as `input.urls` takes
     them) is an existing file; a folder that cannot be listed raises it too, naming the error."""
+    check_files(_plain_urls(urls), storage_options)
+
+
+def check_files(urls: list[str], storage_options: Mapping[str, Any] | None = None) -> None:
+    """`check_inputs` for URLs taken as they are (the planned shards: a name holding `{` or `*`
+    is a file name here, not a pattern)."""
     by_parent: dict[str, list[tuple[str, str]]] = {}
-    for url in _plain_urls(urls):
+    for url in urls:
         if url.lower().startswith(_UNLISTABLE):
             continue
         parent, _, name = url.rpartition("/")

@@ -33,7 +33,7 @@ from pipeline.config import ConfigError, PreprocessConfig, config_from_dict
 from pipeline.decode import DecodeError, DecodeOptions, decode_image
 from pipeline.decodepool import DecodeFailure, prepare
 from pipeline.format_wds import member_key
-from pipeline.preflight import InputError, check_inputs
+from pipeline.preflight import InputError, check_files, check_inputs
 from pipeline.preprocess import Preprocessor
 from pipeline.reader import SampleError, ShardReader, ShardReadError
 
@@ -337,6 +337,15 @@ def test_missing_inputs_are_named_before_anything_is_written(tmp_path, one_shard
     assert not out.exists()
     assert cli.main(["encode", str(job), f"input.urls={one_shard}/0000{{0,1}}.tar", "--dry-run"]) == cli.EXIT_USAGE
     assert "00001.tar" in capsys.readouterr().err
+
+
+def test_planned_shards_are_checked_by_name_not_as_patterns(tmp_path):
+    # A glob can match a file whose name holds brace characters: once planned it is a file name.
+    named = tmp_path / "a{1,2}.tar"
+    named.write_bytes(b"x")
+    check_files([str(named)])
+    with pytest.raises(InputError, match="2 input shard"):
+        check_inputs(str(named))  # as a pattern it means a1.tar and a2.tar, which do not exist
 
 
 def test_inputs_are_checked_with_one_list_per_folder(counting_s3):
